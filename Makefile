@@ -1,0 +1,33 @@
+# Two commands: `make demo` (the whole story on the embedded cohort) and `make test`.
+# Each creates .venv from requirements.txt when it is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+export MPLBACKEND := Agg
+
+.PHONY: demo test venv experiment benchmark clean-runs
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed
+	$(PY) -m ssl_utils.demo --out runs/demo
+
+experiment: $(VENV)/.installed
+	$(PY) -m ssl_utils.study --out runs/study
+
+benchmark: $(VENV)/.installed
+	$(PY) benchmarks/run.py --out runs/benchmark
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,210 @@
+"""Models (ViTAutoEnc for pre-training, UNETR for fine-tuning) and encoder weight transfer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from monai.networks.nets import UNETR, ViTAutoEnc
+from torch import nn
+
+
+def set_sdpa(model: nn.Module, enabled: bool = True) -> int:
+    """Switch MONAI's ``scaled_dot_product_attention`` path on or off in every self-attention block.
+
+    Returns the number of blocks changed. The SDPA path computes the same attention as the
+    default einsum path (tests check this), in fused kernels.
+    """
+    from monai.networks.blocks.selfattention import SABlock
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, SABlock):
+            if enabled and (module.save_attn or module.rel_positional_embedding is not None):
+                continue  # SDPA path cannot return attention maps / relative position terms
+            module.use_flash_attention = bool(enabled)
+            n += 1
+    return n
+
+
+def build_vitautoenc(cfg: dict[str, Any]) -> ViTAutoEnc:
+    """``ViTAutoEnc`` from a config (paper: 96^3, patch 16, hidden 768, mlp 3072, 12 layers, 12 heads).
+
+    Input ``[B, 1, roi, roi, roi]`` -> (reconstruction ``[B, 1, roi, roi, roi]``, hidden states).
+    """
+    model = ViTAutoEnc(
+        in_channels=1,
+        img_size=(cfg["roi"],) * 3,
+        patch_size=(cfg["patch_size"],) * 3,
+        out_channels=1,
+        deconv_chns=cfg.get("deconv_chns", 16),
+        hidden_size=cfg["hidden_size"],
+        mlp_dim=cfg["mlp_dim"],
+        num_layers=cfg["num_layers"],
+        num_heads=cfg["num_heads"],
+        proj_type=cfg["proj_type"],
+        dropout_rate=cfg.get("dropout_rate", 0.0),
+    )
+    set_sdpa(model, cfg.get("sdpa", True))
+    return model
+
+
+def build_unetr(cfg: dict[str, Any]) -> UNETR:
+    """``UNETR`` from a config (paper: feature 16, hidden 768, mlp 3072, 12 heads, instance norm,
+    residual blocks, 14 outputs). Input ``[B, 1, roi^3]`` -> logits ``[B, out_channels, roi^3]``."""
+    if cfg["num_layers"] != 12 or cfg["patch_size"] != 16:
+        raise ValueError(
+            "UNETR uses 12 transformer layers and patch size 16; "
+            f"this config has num_layers={cfg['num_layers']}, patch_size={cfg['patch_size']}"
+        )
+    model = UNETR(
+        in_channels=1,
+        out_channels=cfg["out_channels"],
+        img_size=(cfg["roi"],) * 3,
+        feature_size=cfg["feature_size"],
+        hidden_size=cfg["hidden_size"],
+        mlp_dim=cfg["mlp_dim"],
+        num_heads=cfg["num_heads"],
+        proj_type=cfg["proj_type"],
+        norm_name=cfg.get("norm_name", "instance"),
+        res_block=cfg.get("res_block", True),
+        dropout_rate=cfg.get("dropout_rate", 0.0),
+    )
+    set_sdpa(model, cfg.get("sdpa", True))
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove any leading ``module.`` / ``_orig_mod.`` (DDP / torch.compile) from every key."""
+    out = {}
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if key.startswith(p):
+                    key = key[len(p):]
+                    changed = True
+        out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# weight transfer
+# --------------------------------------------------------------------------------------------
+
+
+class WeightTransferError(RuntimeError):
+    """A checkpoint's encoder weights do not fit the UNETR encoder."""
+
+
+@dataclass
+class TransferReport:
+    """What ``load_pretrained_vit`` did: key lists, and a one-line summary when printed."""
+
+    checkpoint: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # in unetr.vit, absent from the checkpoint
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not in unetr.vit (e.g. decoder)
+    shape_mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, ckpt, model
+    epoch: int | None = None
+
+    def __str__(self) -> str:
+        total = len(self.loaded) + len(self.missing)
+        line = (
+            f"loaded {len(self.loaded)}/{total} encoder tensors from {self.checkpoint}"
+            + (f" (pre-training epoch {self.epoch})" if self.epoch is not None else "")
+            + f"; ignored {len(self.unexpected)} non-encoder tensors"
+        )
+        if self.unexpected:
+            shown = sorted({k.split(".")[0] for k in self.unexpected})
+            line += f" ({', '.join(shown)})"
+        return line
+
+
+def _extract_state_dict(obj: Any, path: str) -> tuple[dict[str, torch.Tensor], int | None]:
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        sd, epoch = obj["state_dict"], obj.get("epoch")
+    elif isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
+        sd, epoch = obj["model"], obj.get("epoch")
+    elif isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd, epoch = obj, None
+    else:
+        keys = sorted(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+        raise WeightTransferError(
+            f"{path}: not a model checkpoint: expected a dict with a 'state_dict' of tensors "
+            f"or a bare state dict, found {keys}"
+        )
+    if not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise WeightTransferError(f"{path}: 'state_dict' holds values that are not tensors")
+    return strip_prefixes(sd), (int(epoch) if isinstance(epoch, (int, float)) else None)
+
+
+def load_pretrained_vit(
+    unetr: nn.Module,
+    checkpoint_path: str | os.PathLike,
+    strict: bool = True,
+) -> TransferReport:
+    """Copy a pre-trained ViT encoder into ``unetr.vit`` and report what was loaded.
+
+    Accepts this project's checkpoints, the reference's ``{"state_dict": ...}`` and a bare state
+    dict; ``module.`` / ``_orig_mod.`` prefixes are stripped. Decoder tensors
+    (``conv3d_transpose*``) are reported as unexpected and skipped.
+
+    Raises ``WeightTransferError`` when no encoder tensor matches, when shapes differ (naming the
+    first keys with both shapes), or, with ``strict=True``, when part of the encoder is missing.
+    Nothing is copied into the model unless the checks pass.
+    """
+    from .checkpoint import load_checkpoint
+
+    path = str(checkpoint_path)
+    obj = load_checkpoint(path)
+    state, epoch = _extract_state_dict(obj, path)
+    vit = unwrap_model(unetr)
+    vit = getattr(vit, "vit", vit)
+    target = vit.state_dict()
+    report = TransferReport(checkpoint=path, epoch=epoch)
+    to_load = {}
+    for key, value in state.items():
+        if key not in target:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(target[key].shape):
+            report.shape_mismatched.append((key, tuple(value.shape), tuple(target[key].shape)))
+        else:
+            to_load[key] = value
+            report.loaded.append(key)
+    report.missing = [k for k in target if k not in state]
+    if report.shape_mismatched:
+        first = "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in report.shape_mismatched[:3])
+        raise WeightTransferError(
+            f"{path}: {len(report.shape_mismatched)} encoder tensor(s) have other shapes than unetr.vit "
+            f"(was the checkpoint trained with another hidden size, ROI or patch size?): {first}"
+        )
+    if not report.loaded:
+        raise WeightTransferError(
+            f"{path}: no tensor matches unetr.vit; checkpoint keys start {sorted(state)[:5]}, "
+            f"encoder keys start {sorted(target)[:5]}"
+        )
+    if strict and report.missing:
+        raise WeightTransferError(
+            f"{path}: only {len(report.loaded)} of {len(target)} encoder tensors found; "
+            f"missing e.g. {report.missing[:5]}"
+        )
+    vit.load_state_dict(to_load, strict=False)
+    return report

@@ -1,0 +1,166 @@
+"""Run-time plumbing shared by pre-training and fine-tuning: device, AMP, seeds, schedules, DDP."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .losses import rank as _rank
+from .losses import world_size as _world_size
+
+
+def select_device(device: str | torch.device | None = None) -> torch.device:
+    """The requested device, else CUDA (this process's ``LOCAL_RANK`` GPU) when available, else CPU."""
+    if device is not None and str(device) != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, name, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # pragma: no cover - platform specific
+            pass
+    return False
+
+
+def amp_dtype(device: torch.device, amp: str | bool = "auto") -> torch.dtype | None:
+    """The autocast dtype for ``amp`` on ``device`` (``None`` = full fp32).
+
+    ``"auto"``: bf16 on GPUs and CPUs that support it, fp16 on older GPUs, fp32 elsewhere.
+    """
+    if amp in (False, "off", "fp32", None):
+        return None
+    if amp == "bf16" or amp is True and device.type == "cpu":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("amp='fp16' needs a CUDA device; use 'bf16' or 'off' on CPU")
+        return torch.float16
+    # auto
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_supports_bf16():
+        return torch.bfloat16
+    return None
+
+
+@dataclass
+class Precision:
+    """One autocast context for the whole run, and a GradScaler that is active only for fp16."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+
+    def __post_init__(self) -> None:
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy, torch (and MONAI's global state); optionally force deterministic kernels."""
+    from monai.utils import set_determinism
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    set_determinism(seed=seed % 2**32)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    else:
+        # set_determinism also switches cudnn to deterministic; undo for speed
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+
+
+def configure_cpu() -> None:
+    """Avoid multi-minute stalls on denormal floats on CPU."""
+    try:
+        torch.set_flush_denormal(True)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def lr_lambda(warmup_steps: int, total_steps: int, cosine: bool):
+    """Multiplier for ``LambdaLR``: linear warm-up, then constant or cosine decay to 0."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if not cosine:
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def rank() -> int:
+    return _rank()
+
+
+def world_size() -> int:
+    return _world_size()
+
+
+def is_main() -> bool:
+    return _rank() == 0
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (identity outside a process group)."""
+    if _world_size() == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / _world_size()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if _world_size() == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier() -> None:
+    if _world_size() > 1:
+        dist.barrier()
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any], keys) -> list[str]:
+    """Human-readable list of settings that differ between two configs."""
+    out = []
+    for k in keys:
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            a = list(a) if a is not None else a
+            b = list(b) if b is not None else b
+        if a != b:
+            out.append(f"{k}: checkpoint {a!r}, this run {b!r}")
+    return out

@@ -1,0 +1,124 @@
+"""MONAI transform chains: self-supervised two-view pre-training, and UNETR fine-tuning.
+
+Each chain is one ``Compose`` whose deterministic stage (load, orient, resample, window, crop
+foreground, pad) comes first, so ``CacheDataset`` caches it once and only the random stage runs
+every epoch. The ``paper`` preset reproduces the reference tutorial's arguments exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monai import transforms as T
+
+
+def _roi(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    r = int(cfg["roi"])
+    return (r, r, r)
+
+
+def view_augmentation(cfg: dict[str, Any], key: str) -> list:
+    """The corruption applied to one view: in-painting or out-painting, then local pixel shuffling.
+
+    - in-painting: ``inpaint_holes`` cubes of ``inpaint_size`` voxels are blanked inside the crop
+      (the network must fill them from context);
+    - out-painting: the same number of larger cubes are *kept* and everything else is blanked
+      (the network must extrapolate the anatomy around them);
+    - local pixel shuffling: voxels are shuffled inside small cubes (texture must be restored).
+    One call per key: a single call with two keys would corrupt both views identically.
+    """
+    lo_in, hi_in = cfg["inpaint_size"]
+    lo_out, hi_out = cfg["outpaint_size"]
+    return [
+        T.OneOf(
+            transforms=[
+                T.RandCoarseDropoutd(
+                    keys=[key], prob=1.0, holes=cfg["inpaint_holes"], spatial_size=lo_in,
+                    dropout_holes=True, max_spatial_size=hi_in,
+                ),
+                T.RandCoarseDropoutd(
+                    keys=[key], prob=1.0, holes=cfg["outpaint_holes"], spatial_size=lo_out,
+                    dropout_holes=False, max_spatial_size=hi_out,
+                ),
+            ]
+        ),
+        T.RandCoarseShuffled(
+            keys=[key], prob=cfg["shuffle_prob"], holes=cfg["shuffle_holes"], spatial_size=cfg["shuffle_size"]
+        ),
+    ]
+
+
+def pretrain_deterministic(cfg: dict[str, Any]) -> list:
+    """Load, channel first, resample (mm), window HU to [0, 1], crop foreground, pad to the ROI."""
+    return [
+        T.LoadImaged(keys=["image"], image_only=True),
+        T.EnsureChannelFirstd(keys=["image"]),
+        T.Spacingd(keys=["image"], pixdim=tuple(cfg["ssl_spacing"]), mode="bilinear"),
+        T.ScaleIntensityRanged(
+            keys=["image"], a_min=cfg["ssl_a_min"], a_max=cfg["ssl_a_max"], b_min=0.0, b_max=1.0, clip=True
+        ),
+        T.CropForegroundd(keys=["image"], source_key="image", allow_smaller=True),
+        T.SpatialPadd(keys=["image"], spatial_size=_roi(cfg)),
+    ]
+
+
+def pretrain_random(cfg: dict[str, Any]) -> list:
+    """Random ROI crops, the untouched copy ``gt_image``, and two independently corrupted views."""
+    return [
+        T.RandSpatialCropSamplesd(
+            keys=["image"], roi_size=_roi(cfg), random_size=False, num_samples=cfg["ssl_num_samples"]
+        ),
+        T.CopyItemsd(keys=["image"], times=2, names=["gt_image", "image_2"], allow_missing_keys=False),
+        *view_augmentation(cfg, "image"),
+        *view_augmentation(cfg, "image_2"),
+    ]
+
+
+def pretrain_transforms(cfg: dict[str, Any]) -> T.Compose:
+    """The full two-view pre-training chain (deterministic stage first, then the random stage).
+
+    Output per crop: ``image`` (view 1), ``image_2`` (view 2), ``gt_image`` (the clean crop),
+    each ``[1, roi, roi, roi]`` float in [0, 1].
+    """
+    return T.Compose(pretrain_deterministic(cfg) + pretrain_random(cfg))
+
+
+def finetune_deterministic(cfg: dict[str, Any]) -> list:
+    """Load image and label, orient to RAS, resample (bilinear / nearest), window, crop foreground.
+
+    A volume smaller than the ROI after cropping is padded to it (a no-op on real BTCV volumes).
+    """
+    keys = ["image", "label"]
+    return [
+        T.LoadImaged(keys=keys, image_only=True),
+        T.EnsureChannelFirstd(keys=keys),
+        T.Orientationd(keys=keys, axcodes="RAS"),
+        T.Spacingd(keys=keys, pixdim=tuple(cfg["ft_spacing"]), mode=("bilinear", "nearest")),
+        T.ScaleIntensityRanged(
+            keys=["image"], a_min=cfg["ft_a_min"], a_max=cfg["ft_a_max"], b_min=0.0, b_max=1.0, clip=True
+        ),
+        T.CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+    ]
+
+
+def finetune_transforms(cfg: dict[str, Any], train: bool = True) -> T.Compose:
+    """Fine-tuning chain. ``train=False`` gives the deterministic part only (for validation)."""
+    keys = ["image", "label"]
+    det = finetune_deterministic(cfg)
+    if not train:
+        return T.Compose(det)
+    return T.Compose(
+        det
+        + [
+            T.SpatialPadd(keys=keys, spatial_size=_roi(cfg)),
+            T.RandCropByPosNegLabeld(
+                keys=keys, label_key="label", spatial_size=_roi(cfg), pos=cfg["ft_pos"], neg=cfg["ft_neg"],
+                num_samples=cfg["ft_num_samples"], image_key="image", image_threshold=0,
+            ),
+            T.RandFlipd(keys=keys, spatial_axis=[0], prob=cfg["ft_flip_prob"]),
+            T.RandFlipd(keys=keys, spatial_axis=[1], prob=cfg["ft_flip_prob"]),
+            T.RandFlipd(keys=keys, spatial_axis=[2], prob=cfg["ft_flip_prob"]),
+            T.RandRotate90d(keys=keys, prob=cfg["ft_rot_prob"], max_k=3),
+            T.RandShiftIntensityd(keys=["image"], offsets=cfg["ft_shift_offset"], prob=cfg["ft_shift_prob"]),
+        ]
+    )
