@@ -1,0 +1,247 @@
+"""Tests for the synthetic CT cohort (ssl_utils.synthetic): determinism, labels, realism, on-disk layout, reuse."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ssl_utils.synthetic import ORGANS, generate_subject, make_cohort_from_config, make_synthetic_dataset
+
+SHAPE = (64, 64)
+SPACING = (6.0, 6.0, 8.0)  # the coarsest supported spacing
+SMALL = dict(
+    n_unlabeled=2,
+    n_unlabeled_val=1,
+    n_labeled_train=2,
+    n_labeled_val=1,
+    train_sizes=(1, 2),
+    shape=SHAPE,
+    spacing=SPACING,
+    progress=False,
+)
+
+
+@lru_cache(maxsize=None)
+def _subject(seed: int, kind: str = "btcv"):
+    return generate_subject(seed, SHAPE, SPACING, kind=kind)
+
+
+# ------------------------------------------------------------------------------------------------
+# generate_subject
+# ------------------------------------------------------------------------------------------------
+def test_organs_table():
+    assert sorted(ORGANS) == list(range(1, 14))
+    assert ORGANS[1] == "spleen" and ORGANS[6] == "liver" and ORGANS[8] == "aorta" and ORGANS[11] == "pancreas"
+
+
+def test_same_seed_same_subject_and_different_seed_differs():
+    a = generate_subject(3, SHAPE, SPACING)
+    b = generate_subject(3, SHAPE, SPACING)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+    c = generate_subject(4, SHAPE, SPACING)
+    assert a[0].shape != c[0].shape or a[0].tobytes() != c[0].tobytes()
+    assert a[1].shape != c[1].shape or a[1].tobytes() != c[1].tobytes()
+
+
+def test_output_types_and_geometry():
+    for seed in range(5):
+        img, lab, aff = _subject(seed)
+        assert img.dtype == np.int16 and lab.dtype == np.uint8 and aff.dtype == np.float64
+        assert img.ndim == 3 and img.shape == lab.shape and img.shape[:2] == SHAPE
+        assert img.min() >= -1024 and img.max() <= 3071
+        assert aff.shape == (4, 4) and np.allclose(aff[:3, :3], np.diag(np.diag(aff[:3, :3])))
+        sx, sy, sz = np.diag(aff)[:3]
+        assert sx > 0 and sy > 0 and sz > 0
+        assert abs(sx / SPACING[0] - 1) <= 0.1 + 1e-9 and abs(sy / SPACING[1] - 1) <= 0.1 + 1e-9
+        assert sz == pytest.approx(SPACING[2])
+        assert 190 <= img.shape[2] * sz <= 330  # z field of view, mm
+    n_slices = {_subject(s)[0].shape[2] for s in range(5)}
+    assert len(n_slices) > 1  # the number of slices varies across subjects
+
+
+def test_unlabeled_variant():
+    img, lab, aff = generate_subject(5, SHAPE, SPACING, with_label=False, kind="tcia")
+    assert lab is None and img.dtype == np.int16 and img.ndim == 3
+    with pytest.raises(ValueError):
+        generate_subject(0, SHAPE, SPACING, kind="mri")
+
+
+def test_every_organ_present_in_every_labeled_subject():
+    for seed in range(10):
+        _, lab, _ = _subject(seed)
+        values = set(np.unique(lab).tolist())
+        assert values <= set(range(14)), values
+        counts = np.bincount(lab.ravel(), minlength=14)
+        missing = [ORGANS[k] for k in range(1, 14) if counts[k] < 10]
+        assert not missing, f"seed {seed}: organs with < 10 voxels: {missing}"
+
+
+def test_anatomical_sides_and_order():
+    # RAS+: X grows to the patient's right, Y anterior, Z superior
+    for seed in range(3):
+        _, lab, _ = _subject(seed)
+        com = {k: np.array(ndimage.center_of_mass(lab == k)) for k in (1, 2, 3, 5, 6, 8, 9, 11)}
+        assert com[6][0] > com[1][0]  # liver on the patient's right of the spleen
+        assert com[2][0] > com[3][0]  # right kidney / left kidney
+        assert com[9][0] > com[8][0]  # IVC right of the aorta
+        assert com[5][2] > com[2][2] and com[5][2] > com[3][2]  # oesophagus above the kidneys
+        assert com[11][1] > com[8][1]  # pancreas anterior to the aorta
+
+
+def _body_mask(img: np.ndarray) -> np.ndarray:
+    body = np.zeros(img.shape, dtype=bool)
+    for k in range(img.shape[2]):
+        body[:, :, k] = ndimage.binary_fill_holes(img[:, :, k] > -500)
+    return body
+
+
+def test_hounsfield_realism():
+    plane = np.ones((3, 3, 1), dtype=bool)
+    for seed in range(6):
+        img, lab, _ = _subject(seed)
+        img = img.astype(np.float64)
+        body = _body_mask(img)
+        outside = ~ndimage.binary_dilation(body, structure=plane, iterations=2)
+        assert img[outside].mean() < -900, "air outside the body"
+        # the outer layer just under the skin is subcutaneous fat
+        inner = ndimage.binary_erosion(body, structure=plane)
+        shell = inner & ~ndimage.binary_erosion(inner, structure=plane) & (lab == 0)
+        assert np.median(img[shell]) < -50, "subcutaneous fat"
+        mean = {k: img[lab == k].mean() for k in range(1, 14)}
+        assert 80 <= mean[6] <= 140, f"liver {mean[6]:.1f} HU"
+        assert abs(mean[6] - mean[1]) < 25, "liver and spleen must overlap in HU"
+        assert mean[8] > mean[6], "aorta brighter than liver"
+        assert mean[4] < mean[6] - 40, "gallbladder (bile) darker than liver"
+        # no single HU threshold separates liver from spleen: their central ranges overlap
+        lo = max(np.percentile(img[lab == 6], 25), np.percentile(img[lab == 1], 25))
+        hi = min(np.percentile(img[lab == 6], 75), np.percentile(img[lab == 1], 75))
+        assert lo < hi
+        # bone is present and bright
+        assert np.percentile(img[body], 99.5) > 300
+
+
+# ------------------------------------------------------------------------------------------------
+# make_synthetic_dataset
+# ------------------------------------------------------------------------------------------------
+def _check_nifti(path: Path, dtype) -> nib.Nifti1Image:
+    im = nib.load(str(path))
+    data = np.asanyarray(im.dataobj)
+    assert data.ndim == 3 and data.dtype == dtype
+    aff = im.affine
+    assert np.all(np.diag(aff)[:3] > 0) and np.allclose(aff[:3, :3], np.diag(np.diag(aff)[:3]))
+    zooms = im.header.get_zooms()
+    assert np.allclose(zooms, np.diag(aff)[:3], rtol=1e-5)
+    assert zooms[2] > 1.2 * zooms[0]  # anisotropic (thick slices)
+    return im
+
+
+def test_dataset_layout_and_datalists(tmp_path):
+    out = make_synthetic_dataset(tmp_path / "c", seed=1, **SMALL)
+    root = Path(out["root"])
+    assert out["reused"] is False
+    assert Path(out["tcia_root"]) == root / "tcia" and Path(out["btcv_root"]) == root / "btcv"
+    assert set(out["btcv_json"]) == {1, 2}
+
+    split = json.loads(Path(out["tcia_json"]).read_text())
+    assert Path(out["tcia_json"]) == root / "tcia" / "dataset_split.json"
+    assert [e["image"] for e in split["training"]] == ["data/volume-synth-0000.nii.gz"]
+    assert [e["image"] for e in split["validation"]] == ["data/volume-synth-0001.nii.gz"]
+    for e in split["training"] + split["validation"]:
+        assert set(e) == {"image"}
+        _check_nifti(root / "tcia" / e["image"], np.int16)
+
+    lists = {n: json.loads(Path(p).read_text()) for n, p in out["btcv_json"].items()}
+    assert Path(out["btcv_json"][2]) == root / "btcv" / "dataset_0_init_2.json"
+    for n, d in lists.items():
+        assert d["description"] == "synthetic btcv-like cohort"
+        assert d["labels"] == {"0": "background", **{str(k): v for k, v in ORGANS.items()}}
+        assert d["modality"] == {"0": "CT"}
+        assert len(d["training"]) == n
+        assert d["training"] == lists[2]["training"][:n]  # nested subsets
+        assert d["validation"] == lists[2]["validation"]  # shared validation list
+    assert [e["image"] for e in lists[2]["training"]] == [f"imagesTr/img{j:04d}.nii.gz" for j in (1, 2)]
+    assert [e["label"] for e in lists[2]["training"]] == [f"labelsTr/label{j:04d}.nii.gz" for j in (1, 2)]
+    assert [e["image"] for e in lists[2]["validation"]] == ["imagesTr/img0003.nii.gz"]
+    for e in lists[2]["training"] + lists[2]["validation"]:
+        im = _check_nifti(root / "btcv" / e["image"], np.int16)
+        lb = _check_nifti(root / "btcv" / e["label"], np.uint8)
+        assert im.shape == lb.shape and np.allclose(im.affine, lb.affine)
+        lab = np.asanyarray(lb.dataobj)
+        assert set(np.unique(lab).tolist()) == set(range(14))
+
+    meta = json.loads((root / "cohort.json").read_text())
+    assert meta["version"] == 1 and meta["seed"] == 1 and meta["shape"] == list(SHAPE) and meta["complete"] is True
+    assert not list(root.rglob(".tmp-*")), "temporary files left behind"
+    # unlabeled and labeled subjects come from distinct seed streams
+    a = np.asanyarray(nib.load(str(root / "tcia" / split["training"][0]["image"])).dataobj)
+    b = np.asanyarray(nib.load(str(root / "btcv" / lists[2]["training"][0]["image"])).dataobj)
+    assert a.shape != b.shape or not np.array_equal(a, b)
+
+
+def test_reuse_and_regeneration(tmp_path):
+    small = {**SMALL, "n_labeled_train": 1, "train_sizes": (1,)}
+    root = tmp_path / "cohort"
+    first = make_synthetic_dataset(root, seed=0, **small)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    keep = root / "notes.txt"
+    keep.write_text("not part of the cohort")
+
+    again = make_synthetic_dataset(root, seed=0, **small)
+    assert again["reused"] is True and again["btcv_json"] == first["btcv_json"]
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes  # nothing rewritten
+
+    img0 = (root / "tcia" / "data" / "volume-synth-0000.nii.gz").read_bytes()
+    other = make_synthetic_dataset(root, seed=7, **small)
+    assert other["reused"] is False
+    assert (root / "tcia" / "data" / "volume-synth-0000.nii.gz").read_bytes() != img0
+    assert json.loads((root / "cohort.json").read_text())["seed"] == 7
+    assert keep.exists(), "files outside tcia/ and btcv/ must survive regeneration"
+
+    # a missing file triggers regeneration; overwrite=True forces it
+    (root / "btcv" / "labelsTr" / "label0001.nii.gz").unlink()
+    assert make_synthetic_dataset(root, seed=7, **small)["reused"] is False
+    assert (root / "btcv" / "labelsTr" / "label0001.nii.gz").exists()
+    assert (root / "tcia" / "data" / "volume-synth-0000.nii.gz").read_bytes() != img0
+    assert make_synthetic_dataset(root, seed=7, overwrite=True, **small)["reused"] is False
+    # an interrupted generation (cohort.json not marked complete) is redone
+    meta = json.loads((root / "cohort.json").read_text())
+    (root / "cohort.json").write_text(json.dumps({**meta, "complete": False}))
+    assert make_synthetic_dataset(root, seed=7, **small)["reused"] is False
+    assert make_synthetic_dataset(root, seed=7, **small)["reused"] is True
+
+
+def test_make_cohort_from_config(tmp_path):
+    cfg = {
+        "synth_unlabeled": 3,
+        "synth_unlabeled_val": 1,
+        "synth_labeled_train": 2,
+        "synth_labeled_val": 1,
+        "synth_train_sizes": (1, 2),
+        "synth_shape": SHAPE,
+        "synth_spacing": SPACING,
+        "synth_seed": 5,
+    }
+    out = make_cohort_from_config(cfg, tmp_path, progress=False)
+    assert set(out["btcv_json"]) == {1, 2}
+    split = json.loads(Path(out["tcia_json"]).read_text())
+    assert len(split["training"]) == 2 and len(split["validation"]) == 1
+    meta = json.loads((tmp_path / "cohort.json").read_text())
+    assert meta["seed"] == 5 and meta["n_unlabeled"] == 3 and meta["spacing"] == list(SPACING)
+    assert make_cohort_from_config(cfg, tmp_path, progress=False)["reused"] is True
+
+
+def test_invalid_arguments(tmp_path):
+    with pytest.raises(ValueError):
+        make_synthetic_dataset(tmp_path, n_unlabeled=2, n_unlabeled_val=2, progress=False)
+    with pytest.raises(ValueError):
+        make_synthetic_dataset(tmp_path, n_labeled_train=2, train_sizes=(3,), progress=False)
+    assert not os.listdir(tmp_path)
