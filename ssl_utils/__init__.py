@@ -7,7 +7,7 @@ embedded CT cohort), ``transforms``, ``datasets``, ``models`` (and weight transf
 """
 
 from .config import ARCH_KEYS, PRESETS, get_config
-from .data import DatalistError, load_checked_datalist, load_datalist, preflight
+from .data import DatalistError, load_checked_datalist, load_datalist, preflight, preflight_datalist
 from .losses import contrastive_loss, ssl_loss
 from .models import (
     TransferReport,

@@ -82,6 +82,9 @@ _BASE: dict[str, Any] = {
     "sw_overlap": 0.25,
     "encoder_lr_mult": 1.0,  # learning-rate multiplier for the pre-trained ViT encoder
     "freeze_encoder_iters": 0,  # iterations with the encoder frozen at the start
+    # ---- linear probe on the frozen encoder ----
+    "probe_lr": 3e-3,
+    "probe_iterations": 300,
     # ---- embedded synthetic cohort ----
     "synth_unlabeled": 600 + 171,
     "synth_unlabeled_val": 171,
@@ -109,7 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "outpaint_size": (10, 32),
         "shuffle_size": 4,
         "ssl_batch_size": 4,
-        "ssl_lr": 5e-4,
+        "ssl_lr": 2e-3,  # 30 epochs: validation L1 0.24 (5e-4: 0.31, barely below a constant prediction)
         "ssl_epochs": 30,
         "ssl_val_every": 2,
         "warmup_epochs": 2,

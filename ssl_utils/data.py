@@ -8,9 +8,25 @@ with ``"label"`` as well for fine-tuning. Relative paths are resolved against ``
 (default: the JSON file's folder); absolute paths and ``..`` are allowed when they resolve to a
 readable file.
 
-``preflight(...)`` opens every file of a datalist once, before any training, and reports *every*
-bad entry at once (datalist, key, entry index, resolved path, what is wrong), instead of a stack
-trace from deep inside a transform halfway through an epoch.
+``preflight_datalist(...)`` opens every file of a datalist once, before any training, and
+reports *every* bad entry of every key at once (datalist, key, entry index, the path as written
+and as resolved, what is wrong), instead of a stack trace from deep inside a transform halfway
+through an epoch. Files are read in a few threads (decompression and NumPy reductions release
+the GIL); each file is decompressed once and its voxels are reduced without a float copy.
+
+What a file must satisfy (``check_entry``):
+
+- it exists, is readable, and nibabel reads it to the end (a truncated ``.nii.gz`` or a file of
+  another kind under a NIfTI name is refused);
+- the image is 3D (a trailing singleton 4th axis is accepted);
+- the voxel spacing in the header is positive and finite, and the affine is invertible;
+- voxel values are finite (no NaN / Inf);
+- with an intensity ``window`` (the transforms' HU window): some voxel lies above the window's
+  lower end. An all-air volume is refused rather than trained on, because cropping its
+  foreground would leave nothing but padding;
+- the label has the image's shape and affine, integer values in ``0..num_classes-1``.
+
+A volume smaller than the ROI is fine: the transforms pad it.
 """
 
 from __future__ import annotations
@@ -18,8 +34,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -35,7 +52,7 @@ def read_datalist_json(json_path: str | os.PathLike) -> dict[str, Any]:
         raise DatalistError(f"datalist {path}: file not found (resolved: {path.resolve()})")
     try:
         text = path.read_text()
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise DatalistError(f"datalist {path}: cannot be read ({exc})") from None
     try:
         content = json.loads(text)
@@ -44,8 +61,60 @@ def read_datalist_json(json_path: str | os.PathLike) -> dict[str, Any]:
             f"datalist {path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
         ) from None
     if not isinstance(content, dict):
-        raise DatalistError(f"datalist {path}: expected a JSON object with lists of entries, found {type(content).__name__}")
+        raise DatalistError(
+            f"datalist {path}: expected a JSON object with lists of entries, found {type(content).__name__}"
+        )
     return content
+
+
+def _root(json_path: str | os.PathLike, data_root: str | os.PathLike | None) -> str:
+    return os.path.abspath(os.path.expanduser(os.fspath(data_root))) if data_root else os.path.dirname(
+        os.path.abspath(os.fspath(json_path))
+    )
+
+
+def _parse_key(
+    content: dict[str, Any], json_path: str, root: str, key: str, require_label: bool
+) -> tuple[list[dict[str, str]], list[dict[str, str]], list[tuple[int, str]]]:
+    """Entries of one key: (resolved entries, paths as written, per-entry problems).
+
+    Problems with the key itself (missing, not a list, empty) raise ``DatalistError``.
+    """
+    where = f"datalist {json_path}"
+    if key not in content:
+        raise DatalistError(f"{where}: no key {key!r} (keys present: {sorted(content)})")
+    entries = content[key]
+    if not isinstance(entries, list):
+        raise DatalistError(f"{where}, key {key!r}: expected a list of entries, found {type(entries).__name__}")
+    if not entries:
+        raise DatalistError(f"{where}, key {key!r}: the list is empty")
+    fields = ("image", "label") if require_label else ("image",)
+    resolved_all: list[dict[str, str]] = []
+    written_all: list[dict[str, str]] = []
+    problems: list[tuple[int, str]] = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str) and not require_label:
+            entry = {"image": entry}
+        if not isinstance(entry, dict):
+            problems.append((i, f"expected an object with {' and '.join(map(repr, fields))}, found {entry!r}"))
+            resolved_all.append({})
+            written_all.append({})
+            continue
+        resolved: dict[str, str] = {}
+        written: dict[str, str] = {}
+        for field in fields:
+            if field not in entry:
+                problems.append((i, f"no {field!r} field (fields present: {sorted(entry)})"))
+                continue
+            value = entry[field]
+            if not isinstance(value, str) or not value:
+                problems.append((i, f"{field!r} must be a path string, found {value!r}"))
+                continue
+            written[field] = value
+            resolved[field] = os.path.normpath(os.path.join(root, os.path.expanduser(value)))
+        resolved_all.append(resolved)
+        written_all.append(written)
+    return resolved_all, written_all, problems
 
 
 def load_datalist(
@@ -58,37 +127,14 @@ def load_datalist(
 
     Checks the structure only (no file is opened): the key exists, the list is not empty, every
     entry is an object with an ``"image"`` (and ``"label"`` when ``require_label``) string.
-    Raises ``DatalistError`` naming the datalist, the key and the entry index.
+    Raises one ``DatalistError`` naming the datalist, the key and every bad entry's index.
     """
     content = read_datalist_json(json_path)
-    where = f"datalist {json_path}"
-    if key not in content:
-        raise DatalistError(f"{where}: no key {key!r} (keys present: {sorted(content)})")
-    entries = content[key]
-    if not isinstance(entries, list):
-        raise DatalistError(f"{where}, key {key!r}: expected a list of entries, found {type(entries).__name__}")
-    if not entries:
-        raise DatalistError(f"{where}, key {key!r}: the list is empty")
-    root = Path(data_root) if data_root else Path(json_path).parent
-    fields = ("image", "label") if require_label else ("image",)
-    out: list[dict[str, str]] = []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, str) and not require_label:
-            entry = {"image": entry}
-        if not isinstance(entry, dict):
-            raise DatalistError(f"{where}, key {key!r}, entry {i}: expected an object, found {entry!r}")
-        resolved: dict[str, str] = {}
-        for field in fields:
-            if field not in entry:
-                raise DatalistError(
-                    f"{where}, key {key!r}, entry {i}: no {field!r} field (fields present: {sorted(entry)})"
-                )
-            value = entry[field]
-            if not isinstance(value, str) or not value:
-                raise DatalistError(f"{where}, key {key!r}, entry {i}: {field!r} must be a path string, found {value!r}")
-            resolved[field] = os.path.normpath(os.path.join(root, os.path.expanduser(value)))
-        out.append(resolved)
-    return out
+    entries, _, problems = _parse_key(content, str(json_path), _root(json_path, data_root), key, require_label)
+    if problems:
+        lines = "\n".join(f"  {key} entry {i}: {p}" for i, p in problems)
+        raise DatalistError(f"datalist {json_path}, key {key!r}: {len(problems)} malformed entries:\n{lines}")
+    return entries
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,82 +142,284 @@ def load_datalist(
 # --------------------------------------------------------------------------------------------
 
 
-def _load_nifti(path: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _raw_pixdim(img: Any, path: str) -> tuple[float, ...] | None:
+    """Spatial voxel sizes as stored in a NIfTI header, before nibabel silently fixes them."""
     import nibabel as nib
 
-    img = nib.load(path)
-    zooms = tuple(float(z) for z in img.header.get_zooms())
-    data = np.asanyarray(img.dataobj)
-    return data, np.asarray(img.affine, dtype=float), zooms
+    if not isinstance(img.header, nib.Nifti1Header):  # Nifti2Header derives from it
+        return None
+    with nib.openers.ImageOpener(path) as f:
+        raw = type(img.header).from_fileobj(f, check=False)
+    return tuple(float(z) for z in raw["pixdim"][1:4])
+
+
+def _inspect_file(
+    field: str, path: str, shown: str, check_values: bool, window: tuple[float, float] | None
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Open one file; return ``(facts, problems)``. ``facts`` has shape, affine, and for labels
+    the voxel values (or ``None`` when the file cannot be used at all)."""
+    import nibabel as nib
+
+    if not os.path.exists(path):
+        return None, [f"{field} {shown}: file not found"]
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        return None, [f"{field} {shown}: not a readable file"]
+    try:
+        img = nib.load(path)
+    except Exception as exc:  # nibabel raises many types for foreign or damaged files
+        return None, [f"{field} {shown}: cannot be read as NIfTI ({_first_line(exc)})"]
+    problems: list[str] = []
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        return None, [f"{field} {shown}: expected a 3D volume, found {len(shape)}D with shape {tuple(img.shape)}"]
+    try:
+        pixdim = _raw_pixdim(img, path)
+    except Exception as exc:
+        return None, [f"{field} {shown}: header cannot be read ({_first_line(exc)})"]
+    if pixdim is None:
+        pixdim = tuple(float(z) for z in img.header.get_zooms()[:3])
+    affine = np.asarray(img.affine, dtype=float)
+    axes = np.linalg.norm(affine[:3, :3], axis=0)
+    if not all(math.isfinite(z) and z > 0 for z in pixdim):
+        problems.append(f"{field} {shown}: voxel spacing in the header must be positive, found {pixdim} mm")
+    elif not (np.isfinite(affine).all() and (axes > 1e-6).all() and abs(np.linalg.det(affine[:3, :3])) > 1e-12):
+        problems.append(
+            f"{field} {shown}: the affine is degenerate (voxel axes of length {tuple(np.round(axes, 4).tolist())} mm); "
+            "voxels cannot be placed in space"
+        )
+    slope = float(getattr(img.dataobj, "slope", 1.0))
+    inter = float(getattr(img.dataobj, "inter", 0.0))
+    if not (math.isfinite(slope) and math.isfinite(inter)):
+        problems.append(f"{field} {shown}: intensity scaling in the header is not finite (slope {slope}, intercept {inter})")
+        return None, problems
+    facts: dict[str, Any] = {"shape": shape, "affine": affine, "values": None}
+    if not check_values:
+        return facts, problems
+    try:
+        if field == "label":
+            data = np.asanyarray(img.dataobj)  # labels: the scaled values are what matter
+        else:  # images: reduce the stored values, scale the two extremes (no float copy)
+            getter = getattr(img.dataobj, "get_unscaled", None)
+            data = np.asanyarray(getter() if getter else img.dataobj)
+    except Exception as exc:
+        return None, problems + [f"{field} {shown}: truncated or corrupt file ({_first_line(exc)})"]
+    if data.size == 0:
+        return None, problems + [f"{field} {shown}: the volume has no voxels (shape {tuple(img.shape)})"]
+    if field == "label":
+        facts["values"] = data
+        return facts, problems
+    lo, hi = data.min(), data.max()  # NaN propagates, Inf shows up here
+    if np.issubdtype(data.dtype, np.floating) and not (np.isfinite(lo) and np.isfinite(hi)):
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        problems.append(f"{field} {shown}: {bad} voxel(s) are NaN or Inf")
+    elif window is not None:
+        top = max(float(lo) * slope + inter, float(hi) * slope + inter)
+        if top <= window[0]:
+            problems.append(
+                f"{field} {shown}: no voxel above {window[0]:g} HU, the lower end of the intensity window "
+                f"[{window[0]:g}, {window[1]:g}] (brightest voxel {top:g}): an all-air volume, whose foreground "
+                "crop would be nothing but padding"
+            )
+    return facts, problems
+
+
+def _check_label(label: np.ndarray, shown: str, num_classes: int | None) -> list[str]:
+    problems: list[str] = []
+    values = label
+    if np.issubdtype(label.dtype, np.floating):
+        finite = np.isfinite(label)
+        if not finite.all():
+            problems.append(f"label {shown}: {int(np.count_nonzero(~finite))} voxel(s) are NaN or Inf")
+            values = label[finite]
+        fractional = values != np.rint(values)
+        if fractional.any():
+            odd = np.unique(values[fractional])[:5]
+            problems.append(f"label {shown}: labels must be integers, found {[float(v) for v in odd]}")
+    if num_classes is not None and values.size:
+        lo, hi = values.min(), values.max()
+        if lo < 0 or hi > num_classes - 1:
+            outside = np.unique(values[(values < 0) | (values > num_classes - 1)])[:5]
+            shown_values = [int(v) if float(v).is_integer() else float(v) for v in outside]
+            problems.append(f"label {shown}: values must be in 0..{num_classes - 1}, found {shown_values}")
+    return problems
 
 
 def check_entry(
     entry: dict[str, str],
     num_classes: int | None = None,
     check_values: bool = True,
+    window: tuple[float, float] | None = None,
+    written: dict[str, str] | None = None,
 ) -> list[str]:
     """Return the problems of one resolved entry (empty when it is usable).
 
-    Checks: each file exists and reads as a NIfTI volume; the image is 3D (a trailing singleton
-    4th axis is accepted); voxel spacing is positive and finite; voxel values are finite; the label
-    has the image's shape and affine and holds integers in ``0..num_classes-1``.
+    ``entry``: ``{"image": path[, "label": path]}`` with resolved paths. ``num_classes``: label
+    values must lie in ``0..num_classes-1``. ``window``: the HU window ``(a_min, a_max)`` of the
+    transforms; an image with no voxel above ``a_min`` (all air) is refused. ``check_values=False``
+    reads headers only. ``written``: the paths as the datalist spells them (shown in messages).
+    Each file is read once.
     """
     problems: list[str] = []
-    arrays: dict[str, tuple[np.ndarray, np.ndarray, tuple[float, ...]]] = {}
+    facts: dict[str, dict[str, Any]] = {}
+    shown: dict[str, str] = {}
     for field in ("image", "label"):
         if field not in entry:
             continue
         path = entry[field]
-        if not os.path.exists(path):
-            problems.append(f"{field} {path}: file not found")
-            continue
-        if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            problems.append(f"{field} {path}: not a readable file")
-            continue
-        try:
-            data, affine, zooms = _load_nifti(path)
-        except Exception as exc:  # nibabel raises many types for truncated / foreign files
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            problems.append(f"{field} {path}: cannot be read as NIfTI ({type(exc).__name__}: {reason})")
-            continue
-        if data.ndim == 4 and data.shape[-1] == 1:
-            data = data[..., 0]
-        if data.ndim != 3:
-            problems.append(f"{field} {path}: expected a 3D volume, found {data.ndim}D with shape {tuple(data.shape)}")
-            continue
-        spatial = zooms[:3]
-        if any((not math.isfinite(z)) or z <= 0 for z in spatial):
-            problems.append(f"{field} {path}: voxel spacing must be positive, header says {spatial}")
-        if check_values:
-            if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-                bad = int((~np.isfinite(data)).sum())
-                problems.append(f"{field} {path}: {bad} voxel(s) are NaN or Inf")
-        arrays[field] = (data, affine, spatial)
-
-    if "image" in arrays and "label" in arrays:
-        img, img_aff, _ = arrays["image"]
-        lab, lab_aff, _ = arrays["label"]
-        label_path = entry["label"]
-        if img.shape != lab.shape:
-            problems.append(f"label {label_path}: shape {tuple(lab.shape)} differs from image shape {tuple(img.shape)}")
-        elif not np.allclose(img_aff, lab_aff, atol=1e-3):
-            problems.append(f"label {label_path}: affine differs from the image's (image and label are not aligned)")
-        if check_values:
-            values = np.unique(np.asarray(lab))
-            if np.issubdtype(values.dtype, np.floating):
-                if not np.isfinite(values).all():
-                    problems.append(f"label {label_path}: contains NaN or Inf")
-                    values = values[np.isfinite(values)]
-                if not np.all(values == np.round(values)):
-                    odd = values[values != np.round(values)][:5]
-                    problems.append(f"label {label_path}: labels must be integers, found {odd.tolist()}")
-            if num_classes is not None and values.size:
-                outside = values[(values < 0) | (values > num_classes - 1)]
-                if outside.size:
+        raw = (written or {}).get(field)
+        shown[field] = path if raw is None or os.path.normpath(raw) == path else f"{raw!r} (resolved: {path})"
+        info, found = _inspect_file(field, path, shown[field], check_values, window if field == "image" else None)
+        problems += found
+        if info is not None:
+            facts[field] = info
+    if "label" in facts:
+        label_path = shown["label"]
+        lab = facts["label"]
+        if "image" in facts:
+            img = facts["image"]
+            if img["shape"] != lab["shape"]:
+                problems.append(f"label {label_path}: shape {lab['shape']} differs from the image's {img['shape']}")
+            else:
+                diff = np.abs(img["affine"] - lab["affine"])
+                if diff[:3, :3].max() > 1e-4 or diff[:3, 3].max() > 1e-2:
                     problems.append(
-                        f"label {label_path}: values must be in 0..{num_classes - 1}, found {outside[:5].tolist()}"
+                        f"label {label_path}: affine differs from the image's (by up to {diff.max():.3g} mm): "
+                        "image and label are not aligned"
                     )
+        if lab["values"] is not None:
+            problems += _check_label(lab["values"], label_path, num_classes)
     return problems
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _check_many(
+    jobs: Sequence[tuple[dict[str, str], dict[str, str]]],
+    num_classes: int | None,
+    check_values: bool,
+    window: tuple[float, float] | None,
+    progress: bool,
+    desc: str,
+    workers: int | None,
+) -> list[list[str]]:
+    """``check_entry`` on every job (entry, written), in threads, with a progress bar."""
+    from tqdm.auto import tqdm
+
+    workers = workers or _default_workers()
+
+    def one(job: tuple[dict[str, str], dict[str, str]]) -> list[str]:
+        return check_entry(job[0], num_classes=num_classes, check_values=check_values, window=window, written=job[1])
+
+    bar = tqdm(total=len(jobs), desc=desc, leave=False, disable=not progress)
+    results: list[list[str]] = []
+    try:
+        if workers == 1 or len(jobs) == 1:
+            for job in jobs:
+                results.append(one(job))
+                bar.update(1)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for problems in pool.map(one, jobs):
+                    results.append(problems)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+def _report(
+    json_path: str,
+    root: str,
+    bad: list[tuple[str, int, list[str]]],
+    total: int,
+    skip_bad: bool,
+    log: Callable[[str], None],
+    empty_keys: Iterable[str] = (),
+) -> None:
+    """Raise one ``DatalistError`` listing every bad entry, or (``skip_bad``) print the list."""
+    if not bad:
+        return
+    lines = "\n".join(f"  {key} entry {i}: " + "; ".join(p) for key, i, p in bad)
+    where = f"datalist {json_path}" + (f" (data_root {root})" if root else "")
+    head = f"{where}: {len(bad)} of {total} entries cannot be used"
+    empty = list(empty_keys)
+    if not skip_bad or empty:
+        tail = (
+            f"\nskip_bad=True would leave no usable entry under {empty}."
+            if empty
+            else "\nFix or remove these entries, or pass skip_bad=True to train on the others."
+        )
+        raise DatalistError(f"{head}:\n{lines}{tail}")
+    log(f"{head}; skipped (skip_bad=True):\n{lines}")
+
+
+def preflight_datalist(
+    json_path: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    keys: Sequence[str] = ("training", "validation"),
+    require_label: bool = False,
+    num_classes: int | None = None,
+    window: tuple[float, float] | None = None,
+    skip_bad: bool = False,
+    check_values: bool = True,
+    progress: bool = True,
+    workers: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, list[dict[str, str]]]:
+    """Read a datalist and check every file of every ``key`` before any training.
+
+    Returns ``{key: [{"image": abs_path[, "label": abs_path]}, ...]}``. Raises one
+    ``DatalistError`` that lists every bad entry (key, index, path as written and resolved, what
+    is wrong). With ``skip_bad=True`` bad entries are dropped and listed through ``log``; an
+    error is still raised when a key has no usable entry left. Problems of the file itself
+    (missing, malformed JSON, a missing or empty key) always raise.
+
+    ``num_classes`` (labels in ``0..num_classes-1``) applies when ``require_label``; ``window`` is
+    the transforms' HU window ``(a_min, a_max)`` (refuses all-air images); ``workers`` threads
+    read files (default: up to 4).
+    """
+    json_path = str(json_path)
+    content = read_datalist_json(json_path)
+    root = _root(json_path, data_root)
+    parsed = {key: _parse_key(content, json_path, root, key, require_label) for key in keys}
+    jobs: list[tuple[dict[str, str], dict[str, str]]] = []
+    where: list[tuple[str, int]] = []
+    bad: dict[tuple[str, int], list[str]] = {}
+    total = 0
+    for key, (entries, written, problems) in parsed.items():
+        total += len(entries)
+        for i, p in problems:
+            bad.setdefault((key, i), []).append(p)
+        for i, (entry, raw) in enumerate(zip(entries, written)):
+            if (key, i) not in bad:
+                jobs.append((entry, raw))
+                where.append((key, i))
+    results = _check_many(
+        jobs,
+        num_classes if require_label else None,
+        check_values,
+        window,
+        progress,
+        f"checking {os.path.basename(json_path)} ({total} entries)",
+        workers,
+    )
+    for (key, i), problems in zip(where, results):
+        if problems:
+            bad[(key, i)] = problems
+    ordered = sorted(bad.items(), key=lambda kv: (list(parsed).index(kv[0][0]), kv[0][1]))
+    out = {key: [e for i, e in enumerate(parsed[key][0]) if (key, i) not in bad] for key in keys}
+    empty = [key for key in keys if not out[key]]
+    _report(json_path, root, [(k, i, p) for (k, i), p in ordered], total, skip_bad, log, empty)
+    return out
 
 
 def preflight(
@@ -182,35 +430,23 @@ def preflight(
     skip_bad: bool = False,
     check_values: bool = True,
     progress: bool = True,
+    window: tuple[float, float] | None = None,
+    workers: int | None = None,
+    log: Callable[[str], None] = print,
 ) -> list[dict[str, str]]:
-    """Open every entry once; raise one ``DatalistError`` listing every bad entry.
+    """Open every (already resolved) entry once; raise one ``DatalistError`` listing every bad one.
 
     With ``skip_bad=True`` the bad entries are dropped with a printed list instead (an error is
     still raised when nothing usable remains). Returns the usable entries.
     """
-    from tqdm.auto import tqdm
-
-    bad: list[tuple[int, list[str]]] = []
-    good: list[dict[str, str]] = []
-    iterator: Iterable = enumerate(entries)
-    if progress:
-        iterator = tqdm(iterator, total=len(entries), desc=f"checking {key} ({len(entries)} entries)", leave=False)
-    for i, entry in iterator:
-        problems = check_entry(entry, num_classes=num_classes, check_values=check_values)
-        if problems:
-            bad.append((i, problems))
-        else:
-            good.append(entry)
-    if bad:
-        lines = [f"  entry {i}: " + "; ".join(p) for i, p in bad]
-        head = f"datalist {datalist or '?'}, key {key!r}: {len(bad)} of {len(entries)} entries are unusable"
-        message = head + ":\n" + "\n".join(lines)
-        if not skip_bad or not good:
-            if skip_bad:
-                message += "\n(no usable entry left to train on)"
-            raise DatalistError(message)
-        print(message.replace("are unusable", "are unusable and skipped"))
-    return good
+    jobs = [(dict(e), {}) for e in entries]
+    results = _check_many(
+        jobs, num_classes, check_values, window, progress, f"checking {key} ({len(entries)} entries)", workers
+    )
+    bad = [(key, i, p) for i, p in enumerate(results) if p]
+    good = [e for e, p in zip(entries, results) if not p]
+    _report(datalist or "(entries)", "", bad, len(entries), skip_bad, log, [key] if not good else [])
+    return list(good)
 
 
 def load_checked_datalist(
@@ -221,14 +457,18 @@ def load_checked_datalist(
     num_classes: int | None = None,
     skip_bad: bool = False,
     progress: bool = True,
+    window: tuple[float, float] | None = None,
+    workers: int | None = None,
 ) -> list[dict[str, str]]:
-    """``load_datalist`` followed by ``preflight``: the entries, every file checked."""
-    entries = load_datalist(json_path, data_root, key=key, require_label=require_label)
-    return preflight(
-        entries,
-        datalist=str(json_path),
-        key=key,
-        num_classes=num_classes if require_label else None,
+    """``preflight_datalist`` for one ``key``: its entries, every file checked."""
+    return preflight_datalist(
+        json_path,
+        data_root,
+        keys=(key,),
+        require_label=require_label,
+        num_classes=num_classes,
+        window=window,
         skip_bad=skip_bad,
         progress=progress,
-    )
+        workers=workers,
+    )[key]

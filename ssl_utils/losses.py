@@ -101,7 +101,21 @@ def ssl_loss(
     reconstructions together teaches nothing) and lets it matter as they improve.
 
     Shape: ``recon_1``, ``recon_2``, ``target``: ``[B, 1, X, Y, Z]``. Returns (total, r, c), scalars.
+
+    With ``gather=True`` inside a process group the contrastive negatives come from every rank, and
+    ``total`` is this rank's share of the global-batch loss: its mean over ranks (value and
+    gradient, as DDP averages them) is the loss of one process on all ranks' crops. ``r`` and ``c``
+    stay this rank's own.
     """
     r = F.l1_loss(recon_1.float(), target.float())
     c = contrastive_loss(recon_1.flatten(1), recon_2.flatten(1), temperature=temperature, gather=gather)
+    if gather and world_size() > 1:
+        # One process on the global batch optimises R + C * R, with R and C the means of the ranks'
+        # r and c. Each rank returns r + c * R + C * r - C * R (R, C detached): its mean over ranks
+        # is R + C * R and so is its gradient, once DDP averages (a product of rank-local r and c,
+        # r + c * r, would average to another objective).
+        means = torch.stack([r.detach(), c.detach()])
+        dist.all_reduce(means)
+        r_all, c_all = means / world_size()
+        return r + c * r_all + c_all * r - c_all * r_all, r, c
     return r + c * r, r, c

@@ -163,8 +163,9 @@ def load_pretrained_vit(
 ) -> TransferReport:
     """Copy a pre-trained ViT encoder into ``unetr.vit`` and report what was loaded.
 
-    Accepts this project's checkpoints, the reference's ``{"state_dict": ...}`` and a bare state
-    dict; ``module.`` / ``_orig_mod.`` prefixes are stripped. Decoder tensors
+    Accepts this project's checkpoints, the reference's ``{"state_dict": ...}``, a bare state
+    dict and a UNETR checkpoint (its ``vit.`` tensors); ``module.`` / ``_orig_mod.`` prefixes are
+    stripped. Decoder tensors
     (``conv3d_transpose*``) are reported as unexpected and skipped.
 
     Raises ``WeightTransferError`` when no encoder tensor matches, when shapes differ (naming the
@@ -179,6 +180,9 @@ def load_pretrained_vit(
     vit = unwrap_model(unetr)
     vit = getattr(vit, "vit", vit)
     target = vit.state_dict()
+    if not any(k in target for k in state) and any(k.startswith("vit.") for k in state):
+        # a UNETR checkpoint (e.g. a fine-tuned model): its encoder lives under "vit."
+        state = {(k[4:] if k.startswith("vit.") else k): v for k, v in state.items()}
     report = TransferReport(checkpoint=path, epoch=epoch)
     to_load = {}
     for key, value in state.items():

@@ -40,6 +40,7 @@ from .runtime import (
     seed_everything,
     select_device,
     world_size,
+    wrap_ddp,
 )
 
 BEST_NAME = "best_model.pt"
@@ -79,7 +80,18 @@ def shard(entries: list, rank_: int, world: int, seed: int, pad: bool) -> list:
         return list(entries)
     from monai.data import partition_dataset
 
-    return partition_dataset(list(entries), num_partitions=world, shuffle=True, seed=seed, even_divisible=pad)[rank_]
+    entries = list(entries)
+    if len(entries) < world:  # fewer volumes than processes (partition_dataset refuses)
+        if not pad:
+            return entries[rank_:rank_ + 1]  # one each for the first ranks, none for the others
+        entries = [entries[i % len(entries)] for i in range(world)]
+    return partition_dataset(entries, num_partitions=world, shuffle=True, seed=seed, even_divisible=pad)[rank_]
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """A plain ``torch.Tensor`` view of a MONAI ``MetaTensor`` (no per-operation metadata tracking
+    through the network: the loop does not need it, and on CPU it costs more than the small ops)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def ssl_forward(
@@ -91,9 +103,7 @@ def ssl_forward(
     reference does in two calls; the result is the same, the kernels are larger.
     """
     device = precision.device
-    v1 = batch["image"].to(device, non_blocking=True)
-    v2 = batch["image_2"].to(device, non_blocking=True)
-    gt = batch["gt_image"].to(device, non_blocking=True)
+    v1, v2, gt = (_plain(batch[k]).to(device, non_blocking=True) for k in ("image", "image_2", "gt_image"))
     n = v1.shape[0]
     with precision.autocast():
         recon, _ = model(torch.cat([v1, v2], dim=0))
@@ -108,7 +118,9 @@ def evaluate_ssl(
     model: nn.Module, loader, cfg: dict[str, Any], precision: Precision, epoch: int = 0
 ) -> dict[str, float]:
     """Validation on the fixed-seed views: mean L1 reconstruction, contrastive and total loss
-    (all-reduced over ranks; each batch weighted by its number of crops)."""
+    (all-reduced over ranks; each batch weighted by its number of crops). The model's
+    train/eval mode is restored afterwards."""
+    was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=precision.device)
     for batch in loader:
@@ -116,7 +128,7 @@ def evaluate_ssl(
         n = batch["image"].shape[0]
         sums += torch.stack([r.double() * n, c.double() * n, total.double() * n, torch.tensor(float(n), device=sums.device, dtype=torch.float64)])
     sums = all_reduce_sum(sums)
-    model.train()
+    model.train(was_training)
     count = max(sums[3].item(), 1.0)
     return {"val_recon": sums[0].item() / count, "val_contrastive": sums[1].item() / count, "val_total": sums[2].item() / count}
 
@@ -154,18 +166,21 @@ def pretrain(
     epochs: int | None = None,
     stop_after: int | None = None,
     progress: bool = True,
-    tensorboard: bool = False,
+    tensorboard: bool | str = False,
     skip_bad: bool = False,
     global_negatives: bool = False,
     num_workers: int | None = None,
     cohort_root: str = "data/synthetic",
     log: Callable[[str], None] = print,
+    on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Pre-train ``ViTAutoEnc`` with the two-view SSL recipe. Returns ``{"history", "best", "last", ...}``.
 
     ``cfg``: a preset name or a config dict. ``epochs`` overrides ``cfg["ssl_epochs"]``.
     ``stop_after``: stop (as if interrupted) after this epoch; ``resume=True`` continues from
     ``logdir/last_model.pt`` and ends with the same weights as an uninterrupted run.
+    ``tensorboard``: ``True`` writes scalars under ``logdir/tensorboard``, a path writes them there.
+    ``on_epoch_end(epoch, row)``: called on every rank after each epoch's checkpoint is written.
     """
     cfg = get_config(cfg) if isinstance(cfg, str) else dict(cfg)
     if epochs is not None:
@@ -194,14 +209,19 @@ def pretrain(
             log(f"resume requested but {last_path} does not exist: starting from scratch")
 
     # ---- data: read, check every entry, shard, cache ----
-    from .data import load_checked_datalist
+    from .data import preflight_datalist
 
     data_root, json_path = resolve_ssl_data(cfg, data_root, json_path, cohort_root)
-    train_entries = load_checked_datalist(json_path, data_root, "training", skip_bad=skip_bad, progress=progress and main)
-    val_entries = load_checked_datalist(json_path, data_root, "validation", skip_bad=skip_bad, progress=progress and main)
+    checked = preflight_datalist(  # every file of both keys, every problem listed at once
+        json_path, data_root, keys=("training", "validation"), window=(cfg["ssl_a_min"], cfg["ssl_a_max"]),
+        skip_bad=skip_bad, progress=progress and main, log=log if main else (lambda _msg: None),
+    )
+    train_entries, val_entries = checked["training"], checked["validation"]
     train_local = shard(train_entries, rank_, world, cfg["seed"], pad=True)
     val_local = shard(val_entries, rank_, world, cfg["seed"], pad=False)
     train_ds, val_ds = pretrain_datasets(cfg, train_local, val_local, progress=progress and main)
+    if world > 1:  # item i of every rank's shard would otherwise get the same crops and holes
+        train_ds.seed = mix_seed(cfg["seed"], rank_)
 
     from monai.data import DataLoader
     from torch.utils.data import DistributedSampler
@@ -241,17 +261,15 @@ def pretrain(
     train_model: nn.Module = model
     if cfg.get("compile"):
         train_model = torch.compile(train_model)
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[dev.index] if dev.type == "cuda" else None
-        )
+    train_model = wrap_ddp(train_model, dev)  # DDP inside a process group, else unchanged
     gather = bool(global_negatives) and world > 1
 
     writer = None
     if tensorboard and main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=os.path.join(logdir, "tensorboard"))
+        tb_dir = tensorboard if isinstance(tensorboard, (str, os.PathLike)) else os.path.join(logdir, "tensorboard")
+        writer = SummaryWriter(log_dir=os.fspath(tb_dir))
 
     if main:
         log(
@@ -335,6 +353,15 @@ def pretrain(
             row.update(evaluate_ssl(model, val_loader, cfg, precision, epoch))
             if row["val_recon"] < best_val:
                 best_val, is_best = row["val_recon"], True
+        # a diverged model is never saved: validation loss and weights must be finite too
+        bad_val = [k for k in ("val_recon", "val_total") if k in row and not torch.isfinite(torch.tensor(row[k]))]
+        if bad_val or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            what = f"validation loss is {row[bad_val[0]]}" if bad_val else "the weights hold NaN or Inf"
+            raise TrainingDiverged(
+                f"{what} at epoch {epoch}, after step {steps_done}; training stopped before saving. "
+                f"The last good checkpoint is {last_path if os.path.exists(last_path) else '(none yet)'}; "
+                "'best' was not overwritten. Try a lower learning rate or amp='off'."
+            )
         history.append(row)
         last_epoch = epoch
         if main:
@@ -355,6 +382,8 @@ def pretrain(
                 msg += f" | val recon {row['val_recon']:.4f} contrastive {row['val_contrastive']:.4f}" + (" (best)" if is_best else "")
             log(msg)
         barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
     if writer is not None:
         writer.close()
     return {

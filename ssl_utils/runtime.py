@@ -153,6 +153,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``DistributedDataParallel(model)`` inside a process group (one device per process); the
+    model itself outside one.
+
+    ``find_unused_parameters=True``: MONAI's ``TransformerBlock`` registers a ``norm_cross_attn``
+    LayerNorm that gets no gradient without cross-attention; DDP must be told, or it never
+    finishes reducing the bucket that holds them and the ranks' weights drift apart.
+    """
+    if _world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+    )
+
+
 def config_differences(saved: dict[str, Any], current: dict[str, Any], keys) -> list[str]:
     """Human-readable list of settings that differ between two configs."""
     out = []

@@ -92,7 +92,7 @@ def finetune_deterministic(cfg: dict[str, Any]) -> list:
     return [
         T.LoadImaged(keys=keys, image_only=True),
         T.EnsureChannelFirstd(keys=keys),
-        T.Orientationd(keys=keys, axcodes="RAS"),
+        T.Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),  # NIfTI world axes
         T.Spacingd(keys=keys, pixdim=tuple(cfg["ft_spacing"]), mode=("bilinear", "nearest")),
         T.ScaleIntensityRanged(
             keys=["image"], a_min=cfg["ft_a_min"], a_max=cfg["ft_a_max"], b_min=0.0, b_max=1.0, clip=True

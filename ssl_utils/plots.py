@@ -1,0 +1,531 @@
+"""Plots shown inline in the notebooks and saved under ``figures/`` or a run's log folder.
+
+Every function returns the matplotlib ``Figure`` and, when ``path`` is given, also saves it
+(PNG, 120 dpi). Sections: data, pre-training, fine-tuning, study.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import matplotlib
+
+if os.environ.get("MPLBACKEND") is None and "ipykernel" not in os.environ.get("JPY_PARENT_PID", "x"):
+    pass  # notebooks keep their inline backend; scripts set MPLBACKEND=Agg
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _save(fig, path: str | None):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+# ============================================================================================
+# data
+# ============================================================================================
+
+
+def _pick_slices(label: np.ndarray) -> tuple[int, int]:
+    """(axial k, coronal j): the slices with the most labeled voxels (the middle ones if unlabeled)."""
+    fg = label > 0
+    if not fg.any():
+        return label.shape[2] // 2, label.shape[1] // 2
+    return int(np.argmax(fg.sum(axis=(0, 1)))), int(np.argmax(fg.sum(axis=(0, 2))))
+
+
+def _world_to_index(affine: np.ndarray, point: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    idx = np.linalg.solve(np.asarray(affine, float), np.append(point, 1.0))[:3]
+    return np.clip(np.round(idx).astype(int), 0, np.asarray(shape) - 1)
+
+
+def _extent(affine: np.ndarray, shape: Sequence[int], axes: tuple[int, int]) -> tuple[float, float, float, float]:
+    """imshow extent in world mm of a slice spanning array ``axes`` (axis-aligned affine)."""
+    out: list[float] = []
+    for a in axes:
+        step, origin = affine[a, a], affine[a, 3]
+        ends = sorted((origin - step / 2, origin + step * (shape[a] - 0.5)))
+        out += ends
+    return out[0], out[1], out[2], out[3]
+
+
+def plot_subject_views(
+    image: np.ndarray,
+    label: np.ndarray,
+    affine: np.ndarray,
+    tf_image: np.ndarray,
+    tf_label: np.ndarray,
+    tf_affine: np.ndarray,
+    window: tuple[float, float] = (-175.0, 250.0),
+    names: dict[int, str] | None = None,
+    tf_description: str = "after the transforms",
+    title: str | None = None,
+    path: str | None = None,
+):
+    """A labeled CT volume as stored and after a transform chain: axial and coronal slices with
+    the organ labels overlaid (one colour per organ), on one millimetre scale per column.
+
+    ``image`` (HU) / ``label`` ``[X, Y, Z]`` with its 4x4 ``affine`` (mm, axis-aligned RAS);
+    ``tf_image`` (the chain's output, e.g. window-scaled to [0, 1]) / ``tf_label`` with
+    ``tf_affine`` (leading channel axes are dropped). The stored slices are the axial and coronal
+    ones with the most labeled voxels; the transformed slices pass through the same point in
+    space. Radiological convention: the patient's right on the viewer's left.
+    """
+    from matplotlib.patches import Patch
+
+    image, label, tf_image, tf_label = (_volume(v) for v in (image, label, tf_image, tf_label))
+    label, tf_label = label.round().astype(int), tf_label.round().astype(int)
+    affine, tf_affine = np.asarray(affine, float), np.asarray(tf_affine, float)
+    k, j = _pick_slices(label)
+    point = (affine @ np.array([(label.shape[0] - 1) / 2, j, k, 1.0]))[:3]
+    _, tj, tk = _world_to_index(tf_affine, point, tf_image.shape)
+    n_classes = int(max(label.max(), tf_label.max(), 13)) + 1
+    cmap = label_colormap(n_classes)
+    rows = [
+        ("as stored", image, label, affine, (k, j), window, f"HU, window [{window[0]:g}, {window[1]:g}]"),
+        (tf_description, tf_image, tf_label, tf_affine, (tk, tj), (0.0, 1.0), "intensity 0..1"),
+    ]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 8.6), sharex="col")
+    shown: set[int] = set()
+    for r, (what, img, lab, aff, (kk, jj), (lo, hi), scale) in enumerate(rows):
+        size = " x ".join(f"{v:.2g}" for v in np.linalg.norm(aff[:3, :3], axis=0))
+        views = [
+            ("axial", img[:, :, kk], lab[:, :, kk], (0, 1), f"z = {kk}"),
+            ("coronal", img[:, jj, :], lab[:, jj, :], (0, 2), f"y = {jj}"),
+        ]
+        for c, (plane, sl, ov, ax_pair, where) in enumerate(views):
+            ax = axes[r, c]
+            ext = _extent(aff, img.shape, ax_pair)
+            ax.imshow(sl.T, cmap="gray", vmin=lo, vmax=hi, origin="lower", extent=ext, interpolation="nearest")
+            ax.imshow(np.ma.masked_equal(ov.T, 0), cmap=cmap, vmin=0, vmax=n_classes - 1, origin="lower", extent=ext,
+                      interpolation="nearest", alpha=0.45)
+            shown |= set(np.unique(ov).tolist())
+            ax.set_title(f"{what}: {plane} slice {where}\n{img.shape[0]}x{img.shape[1]}x{img.shape[2]} voxels of "
+                         f"{size} mm, {scale}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.set_ylabel("mm", fontsize=8)
+            box = dict(facecolor="black", edgecolor="none", alpha=0.7, pad=1.5)
+            ax.text(0.02, 0.03, "R", color="w", transform=ax.transAxes, fontsize=10, weight="bold", bbox=box)
+            ax.text(0.98, 0.03, "L", color="w", transform=ax.transAxes, fontsize=10, weight="bold", ha="right", bbox=box)
+    for c, (a, b) in enumerate(((0, 1), (0, 2))):  # one mm scale per column, right of the patient on the left
+        e = _extent(affine, image.shape, (a, b))
+        axes[0, c].set_xlim(e[1], e[0])
+        for r in range(2):
+            axes[r, c].set_ylim(e[2], e[3])
+            axes[r, c].set_aspect("equal")
+    present = sorted(shown - {0})
+    handles = [Patch(color=cmap(v), alpha=0.7, label=(names or {}).get(v, f"label {v}")) for v in present]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), frameon=False, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.07 if handles else 0, 1, 1))
+    return _save(fig, path)
+
+
+# ============================================================================================
+# pre-training
+# ============================================================================================
+
+
+def _history_rows(history: Any) -> list[dict[str, Any]]:
+    """Rows of a pre-training history: a list of per-epoch dicts, ``{"history": [...]}`` (what
+    ``pretrain`` returns), a column dict ``{"epoch": [...], ...}`` or a path to ``history.json``."""
+    if isinstance(history, (str, os.PathLike)):
+        import json
+
+        with open(history) as f:
+            history = json.load(f)
+    if isinstance(history, dict) and "history" in history:
+        history = history["history"]
+    if isinstance(history, dict):  # columns -> rows
+        n = len(history.get("epoch", []))
+        history = [{k: v[i] for k, v in history.items() if i < len(v)} for i in range(n)]
+    rows = [dict(r) for r in history]
+    if not rows:
+        raise ValueError("the pre-training history is empty: nothing to plot (did any epoch finish?)")
+    return rows
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None and np.isfinite(r[key])]
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    e, v = zip(*pts)
+    return np.asarray(e, dtype=float), np.asarray(v, dtype=float)
+
+
+def plot_ssl_history(history: Any, path: str | None = None):
+    """Pre-training curves against epoch, three panels: total loss ``r + c*r``, reconstruction L1
+    ``r`` and contrastive loss ``c``; training (every epoch) and validation (fixed views, every
+    ``ssl_val_every`` epochs). Total and L1 are drawn on a log scale.
+
+    ``history``: ``pretrain(...)["history"]`` (a list of per-epoch dicts with ``epoch``,
+    ``train_total``, ``train_recon``, ``train_contrastive`` and, on validation epochs,
+    ``val_total``, ``val_recon``, ``val_contrastive``), the whole result dict, or a path to
+    ``history.json``. Returns the figure; saves it (PNG) when ``path`` is given.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    rows = _history_rows(history)
+    panels = [
+        ("train_total", "val_total", "total loss  r + c·r", True),
+        ("train_recon", "val_recon", "reconstruction L1  r", True),
+        ("train_contrastive", "val_contrastive", "contrastive  c", False),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (tkey, vkey, title, log) in zip(axes, panels):
+        e, v = _series(rows, tkey)
+        ax.plot(e, v, "-", color="tab:blue", label="training", marker="." if len(e) < 40 else None)
+        e, v = _series(rows, vkey)
+        if len(e):
+            ax.plot(e, v, "o-", color="tab:orange", ms=4, label="validation (fixed views)")
+        if log and all(_series(rows, k)[1].min(initial=np.inf) > 0 for k in (tkey, vkey) if len(_series(rows, k)[1])):
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(loc="best", fontsize=8)
+    best = [r for r in rows if r.get("val_recon") is not None]
+    if best:
+        b = min(best, key=lambda r: r["val_recon"])
+        axes[1].axvline(b["epoch"], color="gray", ls=":", lw=1)
+        axes[1].annotate(f"best {b['val_recon']:.4f}\n(epoch {b['epoch']})", (b["epoch"], b["val_recon"]),
+                         textcoords="offset points", xytext=(4, 8), fontsize=8, color="gray")
+    fig.suptitle("Self-supervised pre-training", y=1.02)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _first_crop(sample: Any) -> dict[str, Any]:
+    """One crop ``{"image", "image_2", "gt_image"}`` with ``[1, X, Y, Z]`` tensors, from a crop, a
+    list of crops (what the pre-training dataset returns per volume) or a collated batch."""
+    if isinstance(sample, (list, tuple)):
+        if not sample:
+            raise ValueError("empty sample: expected a crop dict with 'image', 'image_2', 'gt_image'")
+        sample = sample[0]
+    missing = [k for k in ("gt_image", "image", "image_2") if k not in sample]
+    if missing:
+        raise KeyError(f"sample has no {missing} (keys present: {sorted(sample)}); expected a pre-training crop")
+    import torch
+
+    out = {}
+    for k in ("gt_image", "image", "image_2"):
+        t = torch.as_tensor(np.asarray(sample[k])) if not isinstance(sample[k], torch.Tensor) else sample[k]
+        t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor -> Tensor
+        if t.ndim == 5:  # collated batch: first crop
+            t = t[0]
+        if t.ndim == 3:
+            t = t[None]
+        if t.ndim != 4:
+            raise ValueError(f"sample[{k!r}] has shape {tuple(t.shape)}; expected [1, X, Y, Z] or [B, 1, X, Y, Z]")
+        out[k] = t.float()
+    return out
+
+
+def plot_views_and_reconstructions(
+    model: Any,
+    sample: Any,
+    precision_or_device: Any = "cpu",
+    path: str | None = None,
+    n_slices: int = 4,
+):
+    """One crop, slice by slice: the clean crop (``gt_image``), view 1, view 2, and the model's
+    reconstructions of both views. Rows are images, columns ``n_slices`` evenly spaced axial
+    slices (last axis), grayscale on the [0, 1] intensity scale. Row labels give the mean L1
+    distance of each view / reconstruction to the clean crop.
+
+    ``model``: a ``ViTAutoEnc`` (or DDP / compiled wrapper) taking ``[N, 1, roi^3]``; ``None``
+    draws the three input rows only.
+    ``sample``: one pre-training crop (dict with ``image``, ``image_2``, ``gt_image``, each
+    ``[1, roi, roi, roi]``), a list of crops (what the dataset returns per volume), or a collated
+    batch (its first crop is used).
+    ``precision_or_device``: a ``runtime.Precision`` (its device and autocast are used), a
+    ``torch.device`` or a device string. The model's train/eval mode is restored afterwards.
+    Returns the figure; saves it (PNG) when ``path`` is given.
+    """
+    import contextlib
+
+    import torch
+
+    crop = _first_crop(sample)
+    images = [
+        ("clean crop (gt_image)", crop["gt_image"][0].numpy()),
+        ("view 1 (image)", crop["image"][0].numpy()),
+        ("view 2 (image_2)", crop["image_2"][0].numpy()),
+    ]
+    if model is not None:
+        if hasattr(precision_or_device, "autocast") and hasattr(precision_or_device, "device"):
+            device, autocast = precision_or_device.device, precision_or_device.autocast
+        else:
+            device, autocast = torch.device(precision_or_device or "cpu"), contextlib.nullcontext
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), autocast():
+                out = model(torch.stack([crop["image"], crop["image_2"]]).to(device))
+                recon = (out[0] if isinstance(out, (tuple, list)) else out).float().cpu()
+        finally:
+            model.train(was_training)
+        images += [("reconstruction of view 1", recon[0, 0].numpy()), ("reconstruction of view 2", recon[1, 0].numpy())]
+    gt = images[0][1]
+    depth = gt.shape[-1]
+    n_slices = max(1, min(int(n_slices), depth))
+    zs = np.linspace(0, depth - 1, n_slices + 2)[1:-1].round().astype(int)
+    fig, axes = plt.subplots(len(images), n_slices, figsize=(2.1 * n_slices, 2.1 * len(images)), squeeze=False)
+    for i, (name, vol) in enumerate(images):
+        for j, z in enumerate(zs):
+            ax = axes[i, j]
+            ax.imshow(np.rot90(vol[:, :, z]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"axial slice {z}", fontsize=9)
+        label = name if i == 0 else f"{name}\nL1 to clean {float(np.abs(vol - gt).mean()):.3f}"
+        axes[i, 0].set_ylabel(label, fontsize=8)
+    title = "Two corrupted views of one crop" + (" and their reconstructions" if model is not None else "")
+    fig.suptitle(title, y=1.0)
+    fig.tight_layout()
+    return _save(fig, path)
+
+# ============================================================================================
+# fine-tuning
+# ============================================================================================
+
+
+def label_colormap(num_classes: int = 14):
+    """A ``ListedColormap`` for label maps ``0..num_classes-1``: background transparent, each organ
+    its own colour (BTCV's 13 organs get 13 distinct colours)."""
+    from matplotlib.colors import ListedColormap
+
+    base = plt.get_cmap("tab20").colors
+    order = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+    colours = [(0.0, 0.0, 0.0, 0.0)] + [(*base[order[(k - 1) % 20]], 1.0) for k in range(1, num_classes)]
+    return ListedColormap(colours, name="organs")
+
+
+def _ft_result_parts(result: Any) -> tuple[list[dict[str, Any]], list[float]]:
+    """(evaluation rows, per-iteration losses) from ``finetune``'s result dict or a run folder."""
+    if isinstance(result, (str, os.PathLike)):
+        import csv
+        import json
+
+        with open(os.path.join(result, "history.json")) as f:
+            rows = json.load(f)
+        losses: list[float] = []
+        loss_csv = os.path.join(result, "train_loss.csv")
+        if os.path.exists(loss_csv):
+            with open(loss_csv) as f:
+                losses = [float(r["loss"]) for r in csv.DictReader(f)]
+        return rows, losses
+    if isinstance(result, dict):
+        return list(result.get("history", [])), list(result.get("train_losses", []))
+    return list(result), []
+
+
+def plot_finetune_curves(result: Any, path: str | None = None, title: str | None = None):
+    """Fine-tuning curves, two panels: the DiceCE training loss per iteration (faint) with its
+    moving average, and the validation mean Dice (13 organs; dashed: with background) at each
+    evaluation.
+
+    ``result``: what ``finetune`` returns, or its ``logdir`` (``history.json``, ``train_loss.csv``).
+    """
+    rows, losses = _ft_result_parts(result)
+    if not rows and not losses:
+        raise ValueError("nothing to plot: the fine-tuning run has no loss and no evaluation yet")
+    fig, (ax_l, ax_d) = plt.subplots(1, 2, figsize=(11, 3.8))
+    if losses:
+        it = np.arange(1, len(losses) + 1)
+        ax_l.plot(it, losses, color="tab:blue", alpha=0.3, lw=0.8, label="per iteration")
+        w = max(1, min(50, len(losses) // 10))
+        if w > 1:
+            smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+            ax_l.plot(it[w - 1 :], smooth, color="tab:blue", lw=1.8, label=f"moving average ({w})")
+        ax_l.legend(frameon=False)
+    ax_l.set_xlabel("iteration")
+    ax_l.set_ylabel("DiceCE loss")
+    ax_l.set_title("training loss")
+    ax_l.grid(alpha=0.3)
+    if rows:
+        it = [r["iteration"] for r in rows]
+        dice = [100 * r["val_mean_dice"] for r in rows]
+        ax_d.plot(it, dice, "o-", color="tab:red", label="mean Dice, 13 organs")
+        if all("val_mean_dice_with_bg" in r for r in rows):
+            ax_d.plot(it, [100 * r["val_mean_dice_with_bg"] for r in rows], "o--", color="tab:red", alpha=0.45,
+                      label="with background")
+        best = int(np.argmax(dice))
+        ax_d.annotate(f"best {dice[best]:.1f}%", (it[best], dice[best]), textcoords="offset points", xytext=(0, 8),
+                      ha="center", fontsize=9)
+        ax_d.legend(frameon=False)
+    ax_d.set_xlabel("iteration")
+    ax_d.set_ylabel("validation Dice (%)")
+    ax_d.set_title("validation (sliding window)")
+    ax_d.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _volume(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    x = np.asarray(x)
+    while x.ndim > 3 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"expected a 3D volume [H, W, D] (or with leading singleton axes), got shape {x.shape}")
+    return x
+
+
+def plot_segmentation_slice(
+    image: Any,
+    label: Any,
+    pred: Any,
+    index: int | None = None,
+    axis: int = 2,
+    path: str | None = None,
+    title: str | None = None,
+    num_classes: int = 14,
+    names: Sequence[str] | None = None,
+):
+    """One slice of a validation volume: image, ground truth and prediction side by side (organs
+    as a colour overlay, one colour per class).
+
+    ``image`` (intensities), ``label`` and ``pred`` (integer label maps): ``[H, W, D]`` arrays or
+    tensors (leading singleton axes allowed), in RAS orientation. ``axis``: 2 = axial;
+    ``index`` defaults to the slice with the most ground-truth organ voxels. Shown in the
+    radiological convention (patient's right on the viewer's left).
+    """
+    img, lab, prd = _volume(image), _volume(label).round().astype(int), _volume(pred).round().astype(int)
+    if not (img.shape == lab.shape == prd.shape):
+        raise ValueError(f"image {img.shape}, label {lab.shape} and prediction {prd.shape} must have one shape")
+    if index is None:
+        other = tuple(a for a in range(3) if a != axis)
+        index = int(np.argmax((lab > 0).sum(axis=other)))
+    take = lambda v: np.take(v, index, axis=axis)  # noqa: E731
+    show = lambda s: s[::-1, :].T  # noqa: E731  (x: patient right -> viewer left; y up with origin=lower)
+    cmap = label_colormap(num_classes)
+    if names is None:
+        from .finetune import organ_names
+
+        names = organ_names(num_classes)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
+    for ax, overlay, name in zip(axes, (None, lab, prd), ("image", "ground truth", "prediction")):
+        ax.imshow(show(take(img)), cmap="gray", origin="lower")
+        if overlay is not None:
+            ax.imshow(show(take(overlay)), cmap=cmap, vmin=0, vmax=num_classes - 1, origin="lower",
+                      interpolation="nearest", alpha=0.55)
+        ax.set_title(name)
+        ax.axis("off")
+    present = sorted((set(np.unique(take(lab)).tolist()) | set(np.unique(take(prd)).tolist())) - {0})
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=cmap(k), label=names[k - 1]) for k in present if 0 < k < num_classes]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(7, len(handles)), frameon=False, fontsize=8)
+    fig.suptitle(title or f"slice {index} (axis {axis})")
+    fig.tight_layout(rect=(0, 0.08 if handles else 0, 1, 1))
+    return _save(fig, path)
+
+
+def plot_batch_crops(batch: dict[str, Any], max_crops: int = 4, path: str | None = None, num_classes: int = 14):
+    """The training crops of one batch (``batch["image"]``, ``batch["label"]``: ``[N, 1, H, W, D]``):
+    for each crop its axial slice with the most organ voxels, with the labels as a colour overlay."""
+    images, labels = batch["image"], batch["label"]
+    n = min(int(images.shape[0]), int(max_crops))
+    cmap = label_colormap(num_classes)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 3.4), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        img, lab = _volume(images[i]), _volume(labels[i]).round().astype(int)
+        z = int(np.argmax((lab > 0).sum(axis=(0, 1))))
+        ax.imshow(img[:, :, z][::-1, :].T, cmap="gray", origin="lower", vmin=0, vmax=1)
+        ax.imshow(lab[:, :, z][::-1, :].T, cmap=cmap, vmin=0, vmax=num_classes - 1, origin="lower",
+                  interpolation="nearest", alpha=0.5)
+        organs = len(set(np.unique(lab).tolist()) - {0})
+        ax.set_title(f"crop {i}: slice {z}, {organs} organs", fontsize=9)
+        ax.axis("off")
+    fig.suptitle(f"training crops {tuple(images.shape[2:])} voxels, intensities in [0, 1], labels overlaid")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _compare_stats(results: dict[str, Any], metric: str) -> tuple[list[int], dict[str, list[list[float]]]]:
+    runs = results["runs"] if isinstance(results, dict) else results
+    sizes = sorted({int(r["size"]) for r in runs})
+    values: dict[str, list[list[float]]] = {}
+    for arm in ("random", "pretrained"):
+        values[arm] = [[100 * float(r[metric]) for r in runs if int(r["size"]) == n and r["arm"] == arm] for n in sizes]
+    return sizes, values
+
+
+def plot_compare_bars(results: dict[str, Any], metric: str = "final", path: str | None = None, title: str | None = None):
+    """Validation Dice (%) per training-set size, random initialisation beside the pre-trained
+    encoder: bars = mean over seeds, error bars = sd over seeds, dots = the individual seeds.
+
+    ``results``: what ``compare_init`` returns (or its ``results.json`` loaded). ``metric``:
+    ``"final"`` or ``"best"``.
+    """
+    sizes, values = _compare_stats(results, metric)
+    arms = [a for a in ("random", "pretrained") if any(values[a])]
+    colours = {"random": "0.6", "pretrained": "tab:orange"}
+    labels = {"random": "random init", "pretrained": "pre-trained encoder"}
+    fig, ax = plt.subplots(figsize=(1.6 + 1.6 * len(sizes), 4))
+    width = 0.8 / max(len(arms), 1)
+    x = np.arange(len(sizes))
+    for j, arm in enumerate(arms):
+        pos = x - 0.4 + width * (j + 0.5)
+        means = [np.mean(v) if v else np.nan for v in values[arm]]
+        sds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in values[arm]]
+        ax.bar(pos, means, width * 0.9, yerr=sds, capsize=4, color=colours[arm], label=labels[arm])
+        for p, v in zip(pos, values[arm]):
+            ax.plot([p] * len(v), v, "k.", ms=5, alpha=0.7)
+        for p, m in zip(pos, means):
+            if np.isfinite(m):
+                ax.annotate(f"{m:.1f}", (p, m), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    ax.set_xticks(x, [str(n) for n in sizes])
+    ax.set_xlabel("labeled training volumes")
+    ax.set_ylabel(f"validation mean Dice, {metric} (%)")
+    ax.set_title(title or "random initialisation vs pre-trained encoder")
+    tops = [np.mean(v) + (np.std(v, ddof=1) if len(v) > 1 else 0) for a in arms for v in values[a] if v]
+    if tops and np.isfinite(max(tops)) and max(tops) > 0:
+        ax.set_ylim(0, 1.3 * max(tops))
+    ax.legend(frameon=False, loc="upper left", ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_compare_curves(results: dict[str, Any], path: str | None = None):
+    """Validation Dice curves of every comparison run, one panel per training-set size; colour =
+    arm, line style = seed."""
+    runs = results["runs"] if isinstance(results, dict) else results
+    sizes = sorted({int(r["size"]) for r in runs})
+    seeds = sorted({int(r["seed"]) for r in runs})
+    styles = ["-", "--", ":", "-."]
+    colours = {"random": "0.45", "pretrained": "tab:orange"}
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 3.6), sharey=True, squeeze=False)
+    for ax, n in zip(axes[0], sizes):
+        for r in runs:
+            if int(r["size"]) != n or not r["curve"]:
+                continue
+            it, d = zip(*r["curve"])
+            ax.plot(it, 100 * np.asarray(d), styles[seeds.index(int(r["seed"])) % 4], marker="o", ms=3,
+                    color=colours.get(r["arm"], "k"),
+                    label=f"{'pre-trained' if r['arm'] == 'pretrained' else 'random'}, seed {r['seed']}")
+        ax.set_title(f"{n} training volumes")
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation mean Dice (%)")
+    axes[0][-1].legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ============================================================================================
+# study
+# ============================================================================================

@@ -1,0 +1,108 @@
+"""``ssl_finetune.ipynb`` executed top to bottom with papermill at the smoke preset, with a
+pre-trained checkpoint and without one (then it runs random initialisation only and says so)."""
+
+import json
+import os
+
+import nbformat
+import pytest
+import torch
+
+from ssl_utils import build_vitautoenc, get_config
+from ssl_utils.checkpoint import save_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(REPO, "ssl_finetune.ipynb")
+
+
+def run_notebook(tmp_path, **parameters):
+    import papermill as pm
+
+    out = str(tmp_path / "executed.ipynb")
+    pm.execute_notebook(
+        NOTEBOOK,
+        out,
+        parameters=parameters,
+        cwd=REPO,
+        kernel_name="python3",
+        execution_timeout=300,
+        progress_bar=False,
+    )
+    return nbformat.read(out, as_version=4)
+
+
+def outputs(nb) -> str:
+    text = []
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            if o.get("output_type") == "stream":
+                text.append(o["text"])
+            elif "data" in o:
+                text.append(o["data"].get("text/markdown", "") + o["data"].get("text/plain", ""))
+    return "\n".join(text)
+
+
+def count_images(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+def test_parameters_cell_is_tagged_and_complete():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert "parameters" in first_code.metadata.get("tags", [])
+    for name in ("preset", "data_root", "json_path", "logdir", "pretrained_path", "use_pretrained", "train_sizes",
+                 "seeds", "overrides"):
+        assert f"\n{name} = " in "\n" + first_code.source, name
+    assert 'pretrained_path = "runs/ssl/best_model.pt"' in first_code.source
+
+
+@pytest.mark.slow
+def test_notebook_with_a_pretrained_checkpoint(tmp_path, smoke_cohort):
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "ssl" / "best_model.pt")
+    save_checkpoint({"state_dict": build_vitautoenc(get_config("smoke")).state_dict(), "optimizer": {}, "epoch": 1}, ckpt)
+    logdir = str(tmp_path / "ft")
+    nb = run_notebook(
+        tmp_path,
+        preset="smoke",
+        logdir=logdir,
+        pretrained_path=ckpt,
+        cohort_root=smoke_cohort["root"],
+        train_sizes=[1],
+        seeds=[0],
+        overrides={"ft_iterations": 2, "ft_eval_every": 1},
+    )
+    text = outputs(nb)
+    assert "loaded 161/161 encoder tensors" in text
+    assert "RANDOM INITIALISATION ONLY" not in text
+    assert "| Training Volumes | Validation Volumes | Random Init Dice | Pre-trained Dice | Relative Improvement |" in text
+    compare = os.path.join(logdir, "compare")
+    with open(os.path.join(compare, "results.json")) as f:
+        runs = json.load(f)["runs"]
+    assert sorted(r["arm"] for r in runs) == ["pretrained", "random"]
+    for name in ("results_table.md", "dice_bars.png", "dice_curves.png", "n1/seed0/pretrained/curves.png",
+                 "n1/seed0/pretrained/validation_slice.png", "n1/seed0/pretrained/best_model.pt"):
+        assert os.path.getsize(os.path.join(compare, name)) > 0, name
+    assert count_images(nb) >= 5  # crops, curves, validation slice, bars, comparison curves
+
+
+@pytest.mark.slow
+def test_notebook_without_a_checkpoint_runs_random_init_only(tmp_path, smoke_cohort):
+    logdir = str(tmp_path / "ft")
+    nb = run_notebook(
+        tmp_path,
+        preset="smoke",
+        logdir=logdir,
+        pretrained_path=str(tmp_path / "no_such_run" / "best_model.pt"),
+        cohort_root=smoke_cohort["root"],
+        train_sizes=[1],
+        seeds=[0],
+        overrides={"ft_iterations": 2, "ft_eval_every": 1},
+    )
+    text = outputs(nb)
+    assert "RANDOM INITIALISATION ONLY" in text
+    table = open(os.path.join(logdir, "compare", "results_table.md")).read()
+    row = next(line for line in table.splitlines() if line.startswith("| 1 |"))
+    assert row.count("n/a") == 2  # pre-trained Dice and relative improvement
+    with open(os.path.join(logdir, "compare", "results.json")) as f:
+        assert [r["arm"] for r in json.load(f)["runs"]] == ["random"]
