@@ -2,7 +2,7 @@
 """Side-by-side benchmark: the reference tutorial's formulation against this project's defaults.
 
     python benchmarks/run.py --out runs/benchmark             # paper configuration (long on a CPU)
-    python benchmarks/run.py --quick --out /tmp/bench         # tiny sizes: does every section run?
+    python benchmarks/run.py --quick --out /tmp/bench         # tiny sizes: does every section run? (minutes)
     python benchmarks/run.py --sections pretrain,loss --steps 5 --warmup 2
     bash benchmarks/gpu_check.sh                              # the same at paper size on a GPU
 
@@ -18,7 +18,7 @@ Sections (``--sections``, comma separated, default all but ``e2e``):
 - ``data``: two-view augmented crops per second from the second epoch on: plain
   ``monai.data.Dataset`` (every volume loaded and resampled every epoch, as the reference does)
   against ``SeededCacheDataset`` (deterministic stage cached), on synthetic CT volumes of a
-  realistic size (about 512 x 512 x 130 voxels at 0.75 x 0.75 x 2.5 mm).
+  realistic size (512 x 512 x 95-135 voxels at about 0.75 x 0.75 x 2.5 mm).
 - ``finetune``: one UNETR step (DiceCE, AdamW), einsum fp32 against SDPA + autocast.
 - ``sliding``: sliding-window inference on one resampled volume (96^3 windows, 4 per batch).
 - ``e2e`` (opt-in): ``ssl_utils.pretrain.pretrain`` on a synthetic cohort, crop pairs per second
@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", default="runs/benchmark", help="folder for <name>.json and <name>.md")
     p.add_argument("--name", default=None, help="report file name (default: the device type, e.g. cpu or cuda)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a sanity run in about a minute")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a sanity run of every section in a few minutes")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS), help=f"comma-separated subset of {','.join(ALL_SECTIONS)}")
     p.add_argument("--memory", default=None,
