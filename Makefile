@@ -5,6 +5,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export PYTHONPATH := $(CURDIR)
 export MPLBACKEND := Agg
+# OpenMP threads sleep instead of spinning while they wait: on a shared or busy CPU, spinning
+# threads made training up to 10x slower here.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test venv experiment benchmark clean-runs
 

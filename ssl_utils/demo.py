@@ -16,6 +16,8 @@ import platform
 import sys
 import time
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see the Makefile
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

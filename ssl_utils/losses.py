@@ -96,9 +96,10 @@ def ssl_loss(
     """The reference's pre-training loss: ``r + c * r``.
 
     ``r`` is the L1 distance between view 1's reconstruction and the clean crop; ``c`` the
-    contrastive loss between the two views' flattened reconstructions. Scaling ``c`` by ``r``
-    keeps the contrastive pull weak while reconstructions are poor (early on, pulling two bad
-    reconstructions together teaches nothing) and lets it matter as they improve.
+    contrastive loss between the two views' flattened reconstructions. ``r + c * r = r (1 + c)``:
+    the contrastive term is weighted by the reconstruction error, so it cannot dominate on its own
+    (two reconstructions can agree perfectly and still be wrong), and its weight fades as the
+    reconstructions become good; the gradient is ``(1 + c) grad r + r grad c``.
 
     Shape: ``recon_1``, ``recon_2``, ``target``: ``[B, 1, X, Y, Z]``. Returns (total, r, c), scalars.
 

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see the Makefile
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

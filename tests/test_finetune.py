@@ -172,8 +172,10 @@ def test_missing_pretrained_checkpoint_is_a_clear_error(tmp_path):
 
 def test_stop_and_resume_is_bitwise_identical(tmp_path, smoke_cohort):
     """3 training volumes -> 3 iterations per epoch; evaluations at 2 and 4 fall inside epochs 1 and 2.
-    Dropout is on, so the global RNG state matters too."""
-    cfg = get_config("smoke", ft_iterations=4, ft_eval_every=2, dropout_rate=0.1, amp="off")
+    Dropout is on, so the global RNG state matters too; the encoder is frozen for 2 iterations and
+    has its own learning rate."""
+    cfg = get_config("smoke", ft_iterations=4, ft_eval_every=2, dropout_rate=0.1, amp="off",
+                     freeze_encoder_iters=2, encoder_lr_mult=0.5)
     kw = dict(
         data_root=smoke_cohort["btcv_root"],
         json_path=smoke_cohort["btcv_json"][3],
@@ -188,6 +190,11 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, smoke_cohort):
     assert first["iteration"] == 1 and os.path.exists(first["last"])
     second = finetune(cfg, logdir=split, stop_after=2, resume=True, **kw)  # an evaluation point, mid-epoch
     assert second["iteration"] == 2 and [r["iteration"] for r in second["history"]] == [2]
+    # the encoder is frozen for the first 2 iterations: still its initial weights, the rest trained
+    init, _ = build_finetune_model(cfg, seed=11)
+    init_sd, now = init.state_dict(), second["model"].state_dict()
+    assert all(torch.equal(init_sd[k], now[k]) for k in init_sd if k.startswith("vit."))
+    assert not torch.equal(init_sd["out.conv.conv.weight"], now["out.conv.conv.weight"])
     done = finetune(cfg, logdir=split, resume=True, **kw)
     assert done["iteration"] == 4
     sd_ref, sd = ref["model"].state_dict(), done["model"].state_dict()
