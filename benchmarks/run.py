@@ -208,17 +208,9 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     """CPU model, cores, memory, library versions, bf16 support, GPU (if any), load average."""
     import monai
 
-    from ssl_utils.runtime import amp_dtype, cpu_supports_bf16
+    from ssl_utils.runtime import amp_dtype, cpu_model, cpu_supports_bf16
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model()
     info: dict[str, Any] = {
         "cpu": cpu,
         "logical_cores": os.cpu_count(),

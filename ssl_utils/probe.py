@@ -86,13 +86,11 @@ def train_probe(
     Same seed, same data order, crops and head initialisation for both encoders. Returns
     ``{"curve": [[iteration, mean Dice]], "final": metrics, "encoder_unchanged": bool, ...}``.
     """
-    import math
-
     from monai.data import DataLoader
     from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
-    from .data import load_checked_datalist
+    from .data import preflight_datalist
     from .datasets import finetune_datasets
     from .finetune import EpochSampler, evaluate, resolve_ft_data
     from .runtime import Precision, amp_dtype, configure_cpu, select_device
@@ -106,8 +104,9 @@ def train_probe(
     precision = Precision(dev, amp_dtype(dev, cfg["amp"]))
     data_root, json_path = resolve_ft_data(cfg, data_root, json_path, cohort_root, n_train)
     nc = int(cfg["out_channels"])
-    train_entries = load_checked_datalist(json_path, data_root, "training", True, nc, progress=False)
-    val_entries = load_checked_datalist(json_path, data_root, "validation", True, nc, progress=False)
+    checked = preflight_datalist(json_path, data_root, keys=("training", "validation"), require_label=True,
+                                 num_classes=nc, window=(cfg["ft_a_min"], cfg["ft_a_max"]), progress=False)
+    train_entries, val_entries = checked["training"], checked["validation"]
     train_ds, val_ds = finetune_datasets(cfg, train_entries, val_entries, progress=False)
     sampler = EpochSampler(len(train_ds), seed)
     train_loader = DataLoader(train_ds, batch_size=int(cfg["ft_batch_size"]), sampler=sampler, num_workers=0)
@@ -121,7 +120,6 @@ def train_probe(
     curve: list[list[float]] = []
     final: dict[str, Any] = {}
     iteration, epoch = 0, 0
-    steps_per_epoch = math.ceil(len(train_ds) / int(cfg["ft_batch_size"]))
     arm = "pre-trained" if pretrained_path else "random"
     bar = tqdm(total=iterations, desc=f"linear probe ({arm} encoder, seed {seed})", leave=False, disable=not progress)
     probe.train()
@@ -149,8 +147,6 @@ def train_probe(
                 probe.train()
             if iteration >= iterations:
                 break
-        if steps_per_epoch == 0:
-            raise ValueError("the probe's training set is empty")
     bar.close()
     after = probe.encoder.state_dict()
     unchanged = all(torch.equal(before[k], after[k].detach()) for k in before)

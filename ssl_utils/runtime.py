@@ -26,6 +26,20 @@ def select_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else what ``platform`` knows)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_supports_bf16() -> bool:
     """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX)."""
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):

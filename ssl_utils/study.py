@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 from typing import Any, Sequence
@@ -33,19 +32,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     import torch
 
+    from .runtime import cpu_model
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+    return f"{cpu_model()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
 
 
 def _load_history(run: dict[str, Any]) -> list[dict[str, Any]]:
