@@ -212,10 +212,31 @@ def pretrain(
     from .data import preflight_datalist
 
     data_root, json_path = resolve_ssl_data(cfg, data_root, json_path, cohort_root)
-    checked = preflight_datalist(  # every file of both keys, every problem listed at once
-        json_path, data_root, keys=("training", "validation"), window=(cfg["ssl_a_min"], cfg["ssl_a_max"]),
-        skip_bad=skip_bad, progress=progress and main, log=log if main else (lambda _msg: None),
-    )
+    # every file of both keys checked once, every problem listed at once; under DDP rank 0 checks
+    # and the other ranks receive its verdict instead of reading every file again
+    checked, error = None, None
+    if main:
+        try:
+            checked = preflight_datalist(
+                json_path, data_root, keys=("training", "validation"), window=(cfg["ssl_a_min"], cfg["ssl_a_max"]),
+                skip_bad=skip_bad, progress=progress, log=log,
+            )
+        except Exception as exc:
+            if world == 1:
+                raise
+            error = exc
+    if world > 1:
+        import torch.distributed as dist
+
+        shared = [checked, None if error is None else (type(error).__name__, str(error))]
+        dist.broadcast_object_list(shared, src=0)
+        checked, failure = shared
+        if error is not None:
+            raise error
+        if failure is not None:
+            from .data import DatalistError
+
+            raise DatalistError(failure[1]) if failure[0] == "DatalistError" else RuntimeError(failure[1])
     train_entries, val_entries = checked["training"], checked["validation"]
     train_local = shard(train_entries, rank_, world, cfg["seed"], pad=True)
     val_local = shard(val_entries, rank_, world, cfg["seed"], pad=False)
