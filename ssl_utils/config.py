@@ -29,6 +29,8 @@ _BASE: dict[str, Any] = {
     "deconv_chns": 16,
     "sdpa": True,  # MONAI's scaled_dot_product_attention path in every ViT block
     "amp": "auto",  # "auto" (bf16 where supported, else fp16 on CUDA, else off) | "bf16" | "fp16" | "off"
+    "recompute_gelu": True,  # recompute each ViT block's GELU in backward instead of storing it (-20% activations)
+    "channels_last": "auto",  # UNETR in channels-last 3D layout: "auto" (on for CPU) | True | False
     "compile": False,  # torch.compile the model (pays on GPU for long runs)
     "seed": 123,
     "deterministic": False,

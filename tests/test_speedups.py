@@ -3,8 +3,12 @@ speed is measured by ``benchmarks/run.py``).
 
 - the O(B^2) contrastive loss against MONAI's ``ContrastiveLoss`` (values and gradients, float64);
 - SDPA attention against MONAI's einsum attention (ViTAutoEnc and UNETR outputs and gradients);
+- our ViTAutoEnc (SDPA, contiguous tokens, GELU recomputed in backward) against MONAI's model as
+  the reference builds it, and the activation memory the recomputation saves;
 - both views in one batch (``ssl_forward``) against two separate model calls + MONAI's loss;
 - bf16 autocast against fp32 (close, loose tolerance);
+- UNETR in channels-last 3D layout (``to_channels_last``, ``InstanceNormCL``) against the default
+  layout (outputs and gradients, float64 for the norm, float32 for the network);
 - the cached deterministic stage (``SeededCacheDataset``) against a plain ``Dataset`` re-running it.
 """
 
@@ -114,6 +118,62 @@ def test_sdpa_matches_einsum_attention(kind, dtype, tol):
                                    msg=lambda m, k=k: f"{k}: {m}")
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd stores for the backward pass while ``fn`` runs."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_our_vitautoenc_equals_reference_model_and_stores_less():
+    from ssl_utils.models import RecomputeGeluMLP
+
+    cfg = _tiny_cfg()
+    torch.manual_seed(0)
+    ref = build_vitautoenc(cfg, reference=True).double()
+    ours = build_vitautoenc(cfg).double()
+    ours.load_state_dict(ref.state_dict())
+    assert sum(isinstance(m, RecomputeGeluMLP) for m in ours.modules()) == cfg["num_layers"]
+    assert not any(isinstance(m, RecomputeGeluMLP) for m in ref.modules()) and not any(_sdpa_flags(ref))
+    r = cfg["roi"]
+    x = torch.rand(3, 1, r, r, r, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weight = torch.linspace(-1, 1, x.numel(), dtype=torch.float64).view_as(x)
+    results = []
+    for model in (ref, ours):
+        model.zero_grad(set_to_none=True)
+        out, hidden = model(x)
+        (out * weight).sum().backward()
+        results.append((out.detach(), [h.detach() for h in hidden], _grads(model)))
+    (o_ref, h_ref, g_ref), (o_ours, h_ours, g_ours) = results
+    torch.testing.assert_close(o_ours, o_ref, rtol=1e-9, atol=1e-10)
+    for a, b in zip(h_ours, h_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    assert g_ours.keys() == g_ref.keys()
+    assert all(g_ours[k].abs().max() > 0 for k in g_ours if "mlp.linear" in k)
+    for k in g_ref:
+        torch.testing.assert_close(g_ours[k], g_ref[k], rtol=1e-8, atol=1e-10 * max(g_ref[k].abs().max().item(), 1e-12),
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    # without autograd (validation, inference) the plain path runs: same values
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x)[0], o_ref, rtol=1e-9, atol=1e-10)
+
+    # the GELU output ([B, tokens, mlp_dim] per block) is no longer stored for the backward pass
+    plain = build_vitautoenc(dict(cfg, recompute_gelu=False)).double()
+    plain.load_state_dict(ref.state_dict())
+    stored_plain = _saved_bytes(lambda: plain(x)[0].sum())
+    stored_ours = _saved_bytes(lambda: ours(x)[0].sum())
+    tokens = (r // cfg["patch_size"]) ** 3
+    gelu_out = cfg["num_layers"] * 3 * tokens * cfg["mlp_dim"] * 8
+    assert stored_plain - stored_ours == gelu_out
+
+
 # ------------------------------------------------------------------------------------------------
 # both views in one batch
 # ------------------------------------------------------------------------------------------------
@@ -161,6 +221,101 @@ def test_one_batch_two_view_forward_equals_reference_two_calls():
         scale = ref_grads[k].abs().max().item()
         torch.testing.assert_close(ours_grads[k], ref_grads[k], rtol=1e-3, atol=1e-4 * max(scale, 1e-8),
                                    msg=lambda m, k=k: f"{k}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# channels-last UNETR
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_channels_last_instance_norm_matches_instance_norm(affine):
+    from ssl_utils.models import InstanceNormCL
+
+    g = torch.Generator().manual_seed(5)
+    x0 = (3 * torch.randn(2, 6, 7, 9, 5, generator=g, dtype=torch.float64) + 1.5)
+    dy = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    ref = torch.nn.InstanceNorm3d(6, eps=1e-5, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            ref.weight.copy_(torch.rand(6, generator=g, dtype=torch.float64) + 0.5)
+            ref.bias.copy_(torch.randn(6, generator=g, dtype=torch.float64))
+    ours = InstanceNormCL.from_instance_norm(ref)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+
+    x_ref = x0.clone().requires_grad_(True)
+    y_ref = ref(x_ref)
+    y_ref.backward(dy)
+    grads_ref = [p.grad.clone() for p in ref.parameters()]
+    ref.zero_grad()
+    x_cl = x0.clone().to(memory_format=torch.channels_last_3d).requires_grad_(True)
+    y_cl = ours(x_cl)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last_3d) and not y_cl.is_contiguous()
+    y_cl.backward(dy.to(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(y_cl, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(x_cl.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    for got, want in zip((p.grad for p in ours.parameters()), grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    # default-layout input: the plain F.instance_norm path, same values
+    torch.testing.assert_close(ours(x0), y_ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_unetr_matches_default_layout():
+    """``to_channels_last`` keeps the state dict and gives UNETR's outputs and gradients (float32,
+    so up to rounding); the activations really are channels-last."""
+    from ssl_utils.models import InstanceNormCL, prepare_model, to_channels_last, use_channels_last
+
+    cfg = _tiny_cfg(feature_size=4)
+    torch.manual_seed(0)
+    ref = build_unetr(cfg)
+    ours = build_unetr(cfg)
+    ours.load_state_dict(ref.state_dict())
+    n_norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in ours.modules())
+    to_channels_last(ours)
+    assert n_norms > 0 and sum(isinstance(m, InstanceNormCL) for m in ours.modules()) == n_norms
+    assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in ours.modules())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+
+    g = torch.Generator().manual_seed(2)
+    r = cfg["roi"]
+    x = torch.rand(2, 1, r, r, r, generator=g)
+    y = torch.randint(0, cfg["out_channels"], (2, 1, r, r, r), generator=g)
+    from monai.losses import DiceCELoss
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    layouts = []  # per InstanceNormCL call: was its input channels-last?
+    for m in ours.modules():
+        if isinstance(m, InstanceNormCL):
+            m.register_forward_hook(lambda mod, inp, out: layouts.append(
+                inp[0].is_contiguous(memory_format=torch.channels_last_3d) and not inp[0].is_contiguous()))
+    outs, losses, grads = [], [], []
+    for model in (ref, ours):
+        out = model(x)
+        loss = loss_fn(out, y)
+        loss.backward()
+        outs.append(out.detach())
+        losses.append(loss.detach())
+        grads.append(_grads(model))
+    # the convolutions that run in oneDNN (3x3x3, batch > 1) return channels-last activations,
+    # and the norms keep them so (1x1x1 convolutions on one thread use another kernel)
+    assert len(layouts) == n_norms and sum(layouts) >= n_norms // 2
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4 * outs[0].abs().max().item())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    # absolute tolerance on the scale of the whole gradient: a convolution followed by instance
+    # norm has a gradient that cancels to about 0 (a 1-channel 1x1x1 conv: ~1e-6), pure rounding
+    scale = max(g.abs().max().item() for g in grads[0].values())
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-3, atol=1e-5 * scale,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+
+    # the setting: "auto" is on for the CPU only; prepare_model applies it
+    assert use_channels_last("auto", "cpu") and not use_channels_last("auto", "cuda")
+    assert use_channels_last(True, "cuda") and not use_channels_last(False, "cpu")
+    with pytest.raises(ValueError, match="channels_last"):
+        use_channels_last("yes", "cpu")
+    plain = prepare_model(build_unetr(cfg), dict(cfg, channels_last=False), "cpu")
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in plain.modules())
 
 
 # ------------------------------------------------------------------------------------------------
