@@ -265,18 +265,20 @@ def pretrain_workload(variant: str, s: dict[str, Any], device: torch.device) -> 
 
     from ssl_utils.models import build_vitautoenc, set_sdpa
     from ssl_utils.pretrain import ssl_forward
-    from ssl_utils.runtime import Precision, amp_dtype
+    from ssl_utils.runtime import Precision, amp_dtype, optimizer_kwargs
 
     cfg = model_config(s)
     torch.manual_seed(s["seed"])
-    model = build_vitautoenc(cfg).to(device)  # same initial weights for every variant
+    # same initial weights for every variant; the reference is MONAI's model as the tutorial builds it
+    model = build_vitautoenc(cfg, reference=variant == "reference").to(device)
     batch = _ssl_batch(s, s["seed"] + 1)
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
-    optimizer = torch.optim.Adam(model.parameters(), lr=s["ssl_lr"])
+    # the reference: plain Adam; ours: as ssl_utils.pretrain builds it (fused where available)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s["ssl_lr"],
+                                 **({} if variant == "reference" else optimizer_kwargs(device)))
 
     if variant == "reference":
-        set_sdpa(model, False)
         l1, cl = torch.nn.L1Loss(), ContrastiveLoss(temperature=s["temperature"])
 
         def step() -> None:
@@ -302,8 +304,8 @@ def pretrain_workload(variant: str, s: dict[str, Any], device: torch.device) -> 
     train_model = torch.compile(model) if variant == "ours_compiled" else model
 
     def step() -> None:  # the body of ssl_utils.pretrain.pretrain's training loop
-        total, _, _, _, _ = ssl_forward(train_model, batch, cfg, precision)
         optimizer.zero_grad(set_to_none=True)
+        total, _, _, _, _ = ssl_forward(train_model, batch, cfg, precision)
         precision.scaler.scale(total).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
@@ -367,20 +369,20 @@ def finetune_workload(variant: str, s: dict[str, Any], device: torch.device) -> 
     """One UNETR step on ``ft_crops`` crops: forward, DiceCE, backward, AdamW step, loss.item()."""
     from monai.losses import DiceCELoss
 
-    from ssl_utils.models import build_unetr, set_sdpa
-    from ssl_utils.runtime import Precision, amp_dtype
+    from ssl_utils.models import build_unetr, prepare_model, set_sdpa
+    from ssl_utils.runtime import Precision, amp_dtype, optimizer_kwargs
 
     cfg = model_config(s)
     torch.manual_seed(s["seed"])
-    model = build_unetr(cfg).to(device)
+    model = build_unetr(cfg, reference=variant == "reference").to(device)
     g = torch.Generator().manual_seed(s["seed"] + 4)
     r = s["roi"]
     x = torch.rand(s["ft_crops"], 1, r, r, r, generator=g).to(device)
     y = torch.randint(0, s["out_channels"], (s["ft_crops"], 1, r, r, r), generator=g).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s["ft_lr"], weight_decay=s["ft_wd"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s["ft_lr"], weight_decay=s["ft_wd"],
+                                  **({} if variant == "reference" else optimizer_kwargs(device)))
     if variant == "reference":
-        set_sdpa(model, False)
 
         def step() -> None:
             logits = model(x)
@@ -394,13 +396,14 @@ def finetune_workload(variant: str, s: dict[str, Any], device: torch.device) -> 
     if variant != "ours":
         raise ValueError(f"unknown fine-tuning variant {variant!r}")
     set_sdpa(model, True)
+    prepare_model(model, cfg, device)  # channels-last on CPU, as ssl_utils.finetune does
     precision = Precision(device, amp_dtype(device, "auto"))
 
-    def step() -> None:
+    def step() -> None:  # the body of ssl_utils.finetune.finetune's training loop
+        optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
             logits = model(x)
         loss = loss_fn(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
         precision.scaler.scale(loss).backward()
         precision.scaler.step(optimizer)
         precision.scaler.update()
@@ -413,18 +416,17 @@ def sliding_workload(variant: str, s: dict[str, Any], device: torch.device) -> C
     """Sliding-window inference of UNETR over one ``sw_shape`` volume (roi windows, sw_batch per batch)."""
     from monai.inferers import sliding_window_inference
 
-    from ssl_utils.models import build_unetr, set_sdpa
+    from ssl_utils.models import build_unetr, prepare_model, set_sdpa
     from ssl_utils.runtime import Precision, amp_dtype
 
     cfg = model_config(s)
     torch.manual_seed(s["seed"])
-    model = build_unetr(cfg).to(device).eval()
+    model = build_unetr(cfg, reference=variant == "reference").to(device).eval()
     g = torch.Generator().manual_seed(s["seed"] + 5)
     vol = torch.rand(1, 1, *s["sw_shape"], generator=g).to(device)
     roi = (s["roi"],) * 3
     window = torch.rand(1, 1, *roi, generator=g).to(device)
     if variant == "reference":
-        set_sdpa(model, False)
         with torch.no_grad():  # warm-up: one window (a whole pass is minutes on a CPU)
             model(window)
 
@@ -437,6 +439,7 @@ def sliding_workload(variant: str, s: dict[str, Any], device: torch.device) -> C
     if variant != "ours":
         raise ValueError(f"unknown sliding-window variant {variant!r}")
     set_sdpa(model, True)
+    prepare_model(model, cfg, device)
     precision = Precision(device, amp_dtype(device, "auto"))
     with torch.no_grad(), precision.autocast():
         model(window)

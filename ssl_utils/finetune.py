@@ -37,8 +37,17 @@ from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, res
 from .config import ARCH_KEYS, get_config
 from .datasets import mix_seed
 from .pretrain import TrainingDiverged
-from .models import TransferReport, build_unetr, load_pretrained_vit, unwrap_model
-from .runtime import Precision, amp_dtype, config_differences, configure_cpu, is_main, seed_everything, select_device
+from .models import TransferReport, build_unetr, load_pretrained_vit, prepare_model, unwrap_model
+from .runtime import (
+    Precision,
+    amp_dtype,
+    config_differences,
+    configure_cpu,
+    is_main,
+    optimizer_kwargs,
+    seed_everything,
+    select_device,
+)
 
 BEST_NAME = "best_model.pt"
 LAST_NAME = "last_model.pt"
@@ -507,7 +516,7 @@ def finetune(
     model, transfer = build_finetune_model(cfg, seed, pretrained_path, use_pretrained and ckpt is None)
     if transfer is not None:
         say(f"weight transfer: {transfer}")
-    model = model.to(dev)
+    model = prepare_model(model, cfg, dev)  # on the device; channels-last on CPU (cfg['channels_last'])
     encoder_params = list(model.vit.parameters())
     enc_ids = {id(p) for p in encoder_params}
     other_params = [p for p in model.parameters() if id(p) not in enc_ids]
@@ -519,6 +528,7 @@ def finetune(
         ],
         lr=lr,
         weight_decay=float(cfg["ft_weight_decay"]),
+        **optimizer_kwargs(dev),
     )
     from monai.losses import DiceCELoss
 
@@ -611,10 +621,10 @@ def finetune(
             set_frozen(iteration < freeze_iters)
             x = _plain(batch["image"]).to(dev, non_blocking=True)
             y = _plain(batch["label"]).to(dev, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)  # before the forward: the old gradients are not kept alongside the activations
             with precision.autocast():
                 logits = train_model(x)
             loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
             precision.scaler.scale(loss).backward()
             if cfg.get("grad_clip"):
                 precision.scaler.unscale_(optimizer)

@@ -36,6 +36,7 @@ from .runtime import (
     configure_cpu,
     is_main,
     lr_lambda,
+    optimizer_kwargs,
     rank,
     seed_everything,
     select_device,
@@ -256,7 +257,9 @@ def pretrain(
     # ---- model, optimiser, schedule ----
     torch.manual_seed(cfg["seed"])
     model = build_vitautoenc(cfg).to(dev)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["ssl_lr"], weight_decay=cfg.get("ssl_weight_decay", 0.0))
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=cfg["ssl_lr"], weight_decay=cfg.get("ssl_weight_decay", 0.0), **optimizer_kwargs(dev)
+    )
     steps_per_epoch = len(train_loader)
     total_epochs = int(cfg["ssl_epochs"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -331,8 +334,8 @@ def pretrain(
         n_crops = 0
         bar = tqdm(train_loader, desc=f"epoch {epoch}/{total_epochs}", leave=False, disable=not (progress and main))
         for step, batch in enumerate(bar, start=1):
+            optimizer.zero_grad(set_to_none=True)  # before the forward: the old gradients are not kept alongside the activations
             total, r, c, _, _ = ssl_forward(train_model, batch, cfg, precision, gather=gather)
-            optimizer.zero_grad(set_to_none=True)
             precision.scaler.scale(total).backward()
             if cfg.get("grad_clip"):
                 precision.scaler.unscale_(optimizer)
