@@ -299,6 +299,8 @@ def to_channels_last(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.InstanceNorm3d) and not child.track_running_stats:
                 setattr(parent, name, InstanceNormCL.from_instance_norm(child, inplace_inference=fresh_inputs))
+        if type(parent) is nn.Conv3d and _pointwise_one_channel(parent):
+            parent.__class__ = PointwiseConv3dCL
         if isinstance(parent, nn.Conv3d) and parent.in_channels == 1 and not getattr(parent, "_cl_hook", False):
             # a one-channel input (the CT image) makes PyTorch's layout choice ambiguous, and such a
             # convolution returns the default layout; convert its output once here, so the norm and
@@ -306,6 +308,31 @@ def to_channels_last(model: nn.Module) -> nn.Module:
             parent.register_forward_hook(_output_channels_last)
             parent._cl_hook = True
     return model.to(memory_format=torch.channels_last_3d)
+
+
+def _pointwise_one_channel(conv: nn.Conv3d) -> bool:
+    return (
+        conv.in_channels == 1 and conv.groups == 1 and tuple(conv.kernel_size) == (1, 1, 1)
+        and tuple(conv.stride) == (1, 1, 1) and tuple(conv.dilation) == (1, 1, 1)
+        and tuple(conv.padding) == (0, 0, 0) and conv.padding_mode == "zeros"
+    )
+
+
+class PointwiseConv3dCL(nn.Conv3d):
+    """A 1x1x1 convolution of a one-channel image (UNETR's first residual projection). Without
+    autograd and autocast it is computed as what it is, ``bias + image * weight`` per output
+    channel, in one pass straight into a channels-last tensor (oneDNN's kernel for one input
+    channel, plus the layout conversion, cost 6x more); otherwise ``nn.Conv3d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dim() != 5 or x.shape[1] != 1 or torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        n, _, d, h, w = x.shape
+        c = self.out_channels
+        out = torch.empty((n, c, d, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+        weight = self.weight.reshape(1, c, 1, 1, 1).to(x.dtype)
+        bias = (self.bias if self.bias is not None else torch.zeros(c, device=x.device)).reshape(1, c, 1, 1, 1).to(x.dtype)
+        return torch.addcmul(bias, x, weight, out=out)
 
 
 def _output_channels_last(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:

@@ -309,6 +309,17 @@ def test_channels_last_unetr_matches_default_layout():
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-3, atol=1e-5 * scale,
                                    msg=lambda m, k=k: f"{k}: {m}")
 
+    # inference (no autograd): in-place norms and the one-pass 1x1x1 projection of the image
+    from ssl_utils.models import PointwiseConv3dCL
+
+    assert sum(isinstance(m, PointwiseConv3dCL) for m in ours.modules()) >= 1
+    ref.eval()
+    ours.eval()
+    with torch.no_grad():
+        want = ref(x)
+        got = ours(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
     # the setting: "auto" is on for the CPU only; prepare_model applies it
     assert use_channels_last("auto", "cpu") and not use_channels_last("auto", "cuda")
     assert use_channels_last(True, "cuda") and not use_channels_last(False, "cpu")
