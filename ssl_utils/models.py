@@ -174,18 +174,19 @@ def _channels_last(x: torch.Tensor) -> bool:
     return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
 
 
-def _sum_sq_per_channel(y: torch.Tensor) -> torch.Tensor:
-    """``[N, C]`` sums of squares over the spatial axes of a channels-last ``[N, C, ...]`` tensor:
-    the diagonal of a ``C x C`` batched matrix product, which reads the memory once at
+def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[N, C]`` sums over the spatial axes of ``a * b`` for channels-last ``[N, C, D, H, W]``
+    tensors: the diagonal of a ``C x C`` batched matrix product, which reads the memory once at
     matrix-multiply speed."""
-    n, c = y.shape[:2]
-    flat = y.permute(0, 2, 3, 4, 1).reshape(n, -1, c)  # a view
-    return torch.bmm(flat.transpose(1, 2), flat).diagonal(dim1=1, dim2=2)
+    n, c = a.shape[:2]
+    a_flat = a.permute(0, 2, 3, 4, 1).reshape(n, -1, c)  # views, for channels-last tensors
+    b_flat = b.permute(0, 2, 3, 4, 1).reshape(n, -1, c)
+    return torch.bmm(a_flat.transpose(1, 2), b_flat).diagonal(dim1=1, dim2=2)
 
 
 def _stats(x: torch.Tensor, centred: torch.Tensor, eps: float) -> torch.Tensor:
     count = x[0, 0].numel()
-    return (_sum_sq_per_channel(centred) / count + eps).rsqrt().reshape(x.shape[0], x.shape[1], 1, 1, 1)
+    return (_channel_dot(centred, centred) / count + eps).rsqrt().reshape(x.shape[0], x.shape[1], 1, 1, 1)
 
 
 def _normalise_(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -213,13 +214,9 @@ class _InstanceNormCL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, mean, rstd = ctx.saved_tensors
-        n, c = x.shape[:2]
-        count = x[0, 0].numel()
         grad = grad.contiguous(memory_format=torch.channels_last_3d)
         xhat = (x - mean).mul_(rstd)
-        g_flat = grad.permute(0, 2, 3, 4, 1).reshape(n, count, c)
-        x_flat = xhat.permute(0, 2, 3, 4, 1).reshape(n, count, c)
-        mean_gx = (torch.bmm(g_flat.transpose(1, 2), x_flat).diagonal(dim1=1, dim2=2) / count).reshape(mean.shape)
+        mean_gx = (_channel_dot(grad, xhat) / x[0, 0].numel()).reshape(mean.shape)
         mean_g = grad.mean(dim=(2, 3, 4), keepdim=True)
         # d/dx of (x - mean) * rstd: rstd * (g - mean(g) - xhat * mean(g * xhat))
         return xhat.mul_(-mean_gx).add_(grad).sub_(mean_g).mul_(rstd), None
@@ -288,7 +285,7 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     Convolution weights become ``channels_last_3d`` (PyTorch then runs every convolution, and
     returns its output, in that layout, whatever the input's layout), and each
     ``nn.InstanceNorm3d`` without running statistics becomes an ``InstanceNormCL``, which keeps
-    the layout. Same results up to float rounding (tests compare outputs and gradients); parameter
+    the layout; convolutions of the one-channel image become ``ImageConv3dCL``, which return it. Same results up to float rounding (tests compare outputs and gradients); parameter
     names and the state dict are unchanged. On a CPU with AVX2 this makes UNETR's
     convolutions about 1.7x faster (benchmarks/).
     """
@@ -299,44 +296,38 @@ def to_channels_last(model: nn.Module) -> nn.Module:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.InstanceNorm3d) and not child.track_running_stats:
                 setattr(parent, name, InstanceNormCL.from_instance_norm(child, inplace_inference=fresh_inputs))
-        if type(parent) is nn.Conv3d and _pointwise_one_channel(parent):
-            parent.__class__ = PointwiseConv3dCL
-        if isinstance(parent, nn.Conv3d) and parent.in_channels == 1 and not getattr(parent, "_cl_hook", False):
-            # a one-channel input (the CT image) makes PyTorch's layout choice ambiguous, and such a
-            # convolution returns the default layout; convert its output once here, so the norm and
-            # the residual sum after it stay channels-last
-            parent.register_forward_hook(_output_channels_last)
-            parent._cl_hook = True
+        if type(parent) is nn.Conv3d and parent.in_channels == 1:
+            parent.__class__ = ImageConv3dCL
     return model.to(memory_format=torch.channels_last_3d)
 
 
-def _pointwise_one_channel(conv: nn.Conv3d) -> bool:
-    return (
-        conv.in_channels == 1 and conv.groups == 1 and tuple(conv.kernel_size) == (1, 1, 1)
-        and tuple(conv.stride) == (1, 1, 1) and tuple(conv.dilation) == (1, 1, 1)
-        and tuple(conv.padding) == (0, 0, 0) and conv.padding_mode == "zeros"
-    )
+class ImageConv3dCL(nn.Conv3d):
+    """A convolution of the one-channel image in a channels-last network.
 
+    With one input channel PyTorch cannot tell the layouts apart and returns the default one; this
+    returns channels-last, so the norm and the residual sum after it stay in layout. A 1x1x1 one
+    (UNETR's first residual projection), without autograd and autocast, is computed as what it is,
+    ``bias + image * weight`` per output channel, in one pass straight into a channels-last tensor
+    (oneDNN's kernel for one input channel, plus the layout conversion, cost 6x more).
+    """
 
-class PointwiseConv3dCL(nn.Conv3d):
-    """A 1x1x1 convolution of a one-channel image (UNETR's first residual projection). Without
-    autograd and autocast it is computed as what it is, ``bias + image * weight`` per output
-    channel, in one pass straight into a channels-last tensor (oneDNN's kernel for one input
-    channel, plus the layout conversion, cost 6x more); otherwise ``nn.Conv3d``."""
+    def _pointwise(self) -> bool:
+        return (
+            tuple(self.kernel_size) == (1, 1, 1) and tuple(self.stride) == (1, 1, 1)
+            and tuple(self.dilation) == (1, 1, 1) and tuple(self.padding) == (0, 0, 0) and self.groups == 1
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() or x.dim() != 5 or x.shape[1] != 1 or torch.is_autocast_enabled(x.device.type):
+        if x.dim() != 5:
             return super().forward(x)
-        n, _, d, h, w = x.shape
-        c = self.out_channels
-        out = torch.empty((n, c, d, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
-        weight = self.weight.reshape(1, c, 1, 1, 1).to(x.dtype)
-        bias = (self.bias if self.bias is not None else torch.zeros(c, device=x.device)).reshape(1, c, 1, 1, 1).to(x.dtype)
-        return torch.addcmul(bias, x, weight, out=out)
-
-
-def _output_channels_last(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-    return output.contiguous(memory_format=torch.channels_last_3d) if output.dim() == 5 else output
+        if self._pointwise() and not torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type):
+            n, _, d, h, w = x.shape
+            c = self.out_channels
+            out = torch.empty((n, c, d, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
+            weight = self.weight.reshape(1, c, 1, 1, 1).to(x.dtype)
+            bias = torch.zeros_like(weight) if self.bias is None else self.bias.reshape(1, c, 1, 1, 1).to(x.dtype)
+            return torch.addcmul(bias, x, weight, out=out)
+        return super().forward(x).contiguous(memory_format=torch.channels_last_3d)
 
 
 def prepare_model(model: nn.Module, cfg: dict[str, Any], device: torch.device | str) -> nn.Module:

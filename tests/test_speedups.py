@@ -310,9 +310,9 @@ def test_channels_last_unetr_matches_default_layout():
                                    msg=lambda m, k=k: f"{k}: {m}")
 
     # inference (no autograd): in-place norms and the one-pass 1x1x1 projection of the image
-    from ssl_utils.models import PointwiseConv3dCL
+    from ssl_utils.models import ImageConv3dCL
 
-    assert sum(isinstance(m, PointwiseConv3dCL) for m in ours.modules()) >= 1
+    assert sum(isinstance(m, ImageConv3dCL) and m._pointwise() for m in ours.modules()) >= 1
     ref.eval()
     ours.eval()
     with torch.no_grad():
