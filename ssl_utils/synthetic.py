@@ -19,17 +19,26 @@ texture, Gaussian-blurred (about 0.6-0.9 voxel), Gaussian noise (sd 10-20 HU) is
 rounded to int16 and clipped to [-1024, 3071]. Labels use the BTCV indices in ``ORGANS``; organs are
 painted in a fixed order (later ones overwrite earlier ones), and every one of the 13 organs is
 guaranteed at least ``_MIN_ORGAN_VOXELS`` voxels (checked, enlarged if needed).
+
+Code layout. ``_render`` builds a ``_Scene`` (the ``_Canvas`` volumes plus the subject's body frame, tissue
+HU values, random streams and shared masks), runs the unlabeled ``_STRUCTURE_PAINTERS`` in order, then the
+labeled ``_ORGAN_PAINTERS`` (each organ: a sampler that draws its shape, a painter that draws it), and
+finally blurs, adds noise and quantises. The order of every random draw is part of the output: a subject is
+a bit-for-bit deterministic function of its seed, so painters must not be reordered.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -37,23 +46,10 @@ from scipy import ndimage
 from scipy.interpolate import PchipInterpolator
 from tqdm.auto import tqdm
 
-__all__ = ["ORGANS", "generate_subject", "make_synthetic_dataset", "make_cohort_from_config"]
+from .io import atomic_write, write_text
+from .organs import ORGANS
 
-ORGANS: dict[int, str] = {
-    1: "spleen",
-    2: "right kidney",
-    3: "left kidney",
-    4: "gallbladder",
-    5: "esophagus",
-    6: "liver",
-    7: "stomach",
-    8: "aorta",
-    9: "inferior vena cava",
-    10: "portal and splenic veins",
-    11: "pancreas",
-    12: "right adrenal gland",
-    13: "left adrenal gland",
-}
+__all__ = ["ORGANS", "generate_subject", "make_synthetic_dataset", "make_cohort_from_config"]
 
 COHORT_VERSION = 1
 _MIN_ORGAN_VOXELS = 10  # every labeled organ gets at least this many voxels
@@ -81,61 +77,77 @@ def _rot(ax: float = 0.0, ay: float = 0.0, az: float = 0.0) -> np.ndarray:
     return rz @ ry @ rx
 
 
-_OUTSIDE = np.float32(np.inf)  # the q returned by a primitive that misses the volume entirely
+def _other_axes(axis: int) -> tuple[int, int]:
+    """The two coordinate axes other than ``axis``, in increasing order."""
+    first, second = [a for a in range(3) if a != axis]
+    return first, second
+
+
+_OUTSIDE = np.float32(np.inf)  # the level returned by a primitive that misses the volume entirely
+_Box = tuple[slice, slice, slice]  # voxel slices of an axis-aligned box in the volume
 
 
 class _Canvas:
-    """HU / label volumes plus coordinate bookkeeping and shape primitives for one subject."""
+    """HU / label volumes plus coordinate bookkeeping and shape primitives for one subject.
 
-    def __init__(self, nx, ny, nz, vox, bx, by, z_bottom, rng, warp_terms):
+    ``hu`` float32 [X, Y, Z] (HU, starts as air), ``labels`` uint8 [X, Y, Z] (BTCV indices), ``protected``
+    bool [X, Y, Z] (voxels that organs must not overwrite: outside the cavity, muscle, bone);
+    ``x_mm, y_mm, z_mm`` float32: anatomical coordinates (mm) of the voxel centres along each axis.
+    Primitives return a level field on a voxel box, <= 1 inside the shape.
+    """
+
+    def __init__(self, nx, ny, nz, voxel_mm, shift_x, shift_y, z_bottom, texture_rng, warp_terms):
         self.shape = (nx, ny, nz)
-        self.vox = np.asarray(vox, dtype=np.float64)  # (sx, sy, sz) mm
-        sx, sy, sz = (float(v) for v in vox)
-        # anatomical coordinates (mm) of voxel centres along each axis
-        self.xa = (_RIGHT * ((np.arange(nx) - (nx - 1) / 2.0) * sx - bx)).astype(np.float32)
-        self.ya = ((np.arange(ny) - (ny - 1) / 2.0) * sy - by).astype(np.float32)
-        self.za = (z_bottom + np.arange(nz) * sz).astype(np.float32)
-        self.axes = (self.xa, self.ya, self.za)
-        self.rng = rng
+        self.voxel_mm = np.asarray(voxel_mm, dtype=np.float64)  # (sx, sy, sz) mm
+        sx, sy, sz = (float(v) for v in voxel_mm)
+        self.x_mm = (_RIGHT * ((np.arange(nx) - (nx - 1) / 2.0) * sx - shift_x)).astype(np.float32)
+        self.y_mm = ((np.arange(ny) - (ny - 1) / 2.0) * sy - shift_y).astype(np.float32)
+        self.z_mm = (z_bottom + np.arange(nz) * sz).astype(np.float32)
+        self.axes = (self.x_mm, self.y_mm, self.z_mm)
+        self.texture_rng = texture_rng
         self.hu = np.full(self.shape, -1000.0, dtype=np.float32)
-        self.lab = np.zeros(self.shape, dtype=np.uint8)
+        self.labels = np.zeros(self.shape, dtype=np.uint8)
         self.protected = np.zeros(self.shape, dtype=bool)
-        self.lab_box: dict[int, tuple[list[int], list[int]]] = {}  # voxel bbox of every painted label
+        self.label_boxes: dict[int, tuple[list[int], list[int]]] = {}  # voxel bbox of every painted label
         # low-rank smooth displacement field: d_c = sum_k fx[k](x) * fy[k](y) * fz[k](z)
-        self.disp = []
-        self.dmax = np.zeros(3)
-        for c in range(3):
+        self.warp_factors: list[list[list[np.ndarray]]] = []
+        self.warp_max = np.zeros(3)  # bound on |d_c| (mm)
+        for comp in range(3):
             terms = []
-            for amp, lam, ph in warp_terms[c]:
-                f = [np.cos(2 * np.pi * a / lam[i] + ph[i]).astype(np.float32) for i, a in enumerate(self.axes)]
-                f[0] = (f[0] * amp).astype(np.float32)
-                terms.append(f)
-                self.dmax[c] += abs(amp)
-            self.disp.append(terms)
+            for amplitude, wavelengths, phases in warp_terms[comp]:
+                factors = [
+                    np.cos(2 * np.pi * coord / wavelengths[i] + phases[i]).astype(np.float32)
+                    for i, coord in enumerate(self.axes)
+                ]
+                factors[0] = (factors[0] * amplitude).astype(np.float32)
+                terms.append(factors)
+                self.warp_max[comp] += abs(amplitude)
+            self.warp_factors.append(terms)
 
     # -- coordinates -------------------------------------------------------------------------
-    def bbox(self, lo, hi):
+    def box(self, lo, hi) -> _Box | None:
         """Voxel slices covering the anatomical box [lo, hi] (mm), or None if outside the volume."""
-        sl = []
-        for a, l, h in zip(self.axes, lo, hi):
-            idx = np.nonzero((a >= l) & (a <= h))[0]
+        slices = []
+        for coord, low, high in zip(self.axes, lo, hi):
+            idx = np.nonzero((coord >= low) & (coord <= high))[0]
             if idx.size == 0:
                 return None
-            sl.append(slice(int(idx[0]), int(idx[-1]) + 1))
-        return tuple(sl)
+            slices.append(slice(int(idx[0]), int(idx[-1]) + 1))
+        return tuple(slices)
 
-    def coords(self, sl, warp=0.0):
-        """Anatomical (optionally smoothly warped) coordinates (mm) on a bbox: three float32 arrays
+    def coords(self, box: _Box, warp: float = 0.0) -> list[np.ndarray]:
+        """Anatomical (optionally smoothly warped) coordinates (mm) on a box: three float32 arrays
         (broadcastable 1-D views when ``warp == 0``)."""
         if warp == 0:
-            return [self.xa[sl[0]][:, None, None], self.ya[sl[1]][None, :, None], self.za[sl[2]][None, None, :]]
-        return [self.lin(sl, warp, np.eye(3)[i]) for i in range(3)]
+            x, y, z = self.x_mm[box[0]], self.y_mm[box[1]], self.z_mm[box[2]]
+            return [x[:, None, None], y[None, :, None], z[None, None, :]]
+        return [self.linear_field(box, warp, np.eye(3)[i]) for i in range(3)]
 
-    def lin(self, sl, warp, coef, const=0.0):
-        """sum_i coef[i] * P_i + const on a bbox, P the warped coordinates (mm); one low-rank matmul.
+    def linear_field(self, box: _Box, warp: float, coef, const: float = 0.0) -> np.ndarray:
+        """sum_i coef[i] * P_i + const on a box, P the warped coordinates (mm); one low-rank matmul.
 
         Every term is a product f(x) g(y) h(z), so the whole field is (n1*n2, K) @ (K, n3)."""
-        x, y, z = self.xa[sl[0]], self.ya[sl[1]], self.za[sl[2]]
+        x, y, z = self.x_mm[box[0]], self.y_mm[box[1]], self.z_mm[box[2]]
         n1, n2, n3 = len(x), len(y), len(z)
         cols = [np.float32(const) + np.float32(coef[0]) * x[:, None] + np.float32(coef[1]) * y[None, :]]
         rows = [np.ones(n3, dtype=np.float32)]
@@ -143,156 +155,189 @@ class _Canvas:
             cols.append(np.full((n1, n2), coef[2], dtype=np.float32))
             rows.append(z)
         if warp:
-            for c in range(3):
-                if coef[c] == 0:
+            for comp in range(3):
+                if coef[comp] == 0:
                     continue
-                for fx, fy, fz in self.disp[c]:
-                    cols.append(np.float32(warp * coef[c]) * fx[sl[0]][:, None] * fy[sl[1]][None, :])
-                    rows.append(fz[sl[2]])
-        M = np.stack([np.broadcast_to(c_, (n1, n2)) for c_ in cols], axis=-1).reshape(n1 * n2, len(cols))
-        return (M.astype(np.float32) @ np.stack(rows).astype(np.float32)).reshape(n1, n2, n3)
+                for fx, fy, fz in self.warp_factors[comp]:
+                    cols.append(np.float32(warp * coef[comp]) * fx[box[0]][:, None] * fy[box[1]][None, :])
+                    rows.append(fz[box[2]])
+        design = np.stack([np.broadcast_to(col, (n1, n2)) for col in cols], axis=-1).reshape(n1 * n2, len(cols))
+        return (design.astype(np.float32) @ np.stack(rows).astype(np.float32)).reshape(n1, n2, n3)
 
-    def margin(self, warp):
-        return warp * self.dmax + self.vox
+    def margin(self, warp: float) -> np.ndarray:
+        """Box padding (mm) that covers the warp displacement plus one voxel."""
+        return warp * self.warp_max + self.voxel_mm
 
     # -- primitives --------------------------------------------------------------------------
-    def ellipsoid(self, center, semi, R=None, p=2.0, warp=1.0, min_semi=0.0):
-        """Superellipsoid |u/a|^p + |v/b|^p + |w/c|^p <= 1 in local axes (columns of R).
+    def ellipsoid(self, center, semi, rot=None, power=2.0, warp=1.0, min_semi=0.0):
+        """Superellipsoid |u/a|^p + |v/b|^p + |w/c|^p <= 1 in local axes (columns of ``rot``).
 
-        Returns (slices, q) with q the normalised radius measure (q <= 1 inside), or (None, inf)."""
-        c = np.asarray(center, dtype=np.float64)
-        R = np.eye(3) if R is None else np.asarray(R, dtype=np.float64)
+        center (mm), semi (semi-axes, mm), min_semi (voxels). Returns (box, level) with level <= 1 inside,
+        or (None, inf)."""
+        center = np.asarray(center, dtype=np.float64)
+        rot = np.eye(3) if rot is None else np.asarray(rot, dtype=np.float64)
         semi = np.asarray(semi, dtype=np.float64)
         if min_semi > 0:  # at least min_semi voxels along each local axis (voxel size projected)
-            vproj = np.sqrt(((R * self.vox[:, None]) ** 2).sum(0))
-            semi = np.maximum(semi, min_semi * vproj)
-        bound = np.abs(R) @ semi
-        m = self.margin(warp)
-        sl = self.bbox(c - bound - m, c + bound + m)
-        if sl is None:
+            voxel_along_axes = np.sqrt(((rot * self.voxel_mm[:, None]) ** 2).sum(0))
+            semi = np.maximum(semi, min_semi * voxel_along_axes)
+        bound = np.abs(rot) @ semi
+        pad = self.margin(warp)
+        box = self.box(center - bound - pad, center + bound + pad)
+        if box is None:
             return None, _OUTSIDE
-        q = None
+        level = None
         for j in range(3):
-            coef = R[:, j] / semi[j]
-            u = self.lin(sl, warp, coef, -float(coef @ c))
-            if p == 2:
-                np.multiply(u, u, out=u)
+            coef = rot[:, j] / semi[j]
+            term = self.linear_field(box, warp, coef, -float(coef @ center))
+            if power == 2:
+                np.multiply(term, term, out=term)
             else:
-                np.abs(u, out=u)
-                np.power(u, np.float32(p), out=u)
-            if q is None:
-                q = u
+                np.abs(term, out=term)
+                np.power(term, np.float32(power), out=term)
+            if level is None:
+                level = term
             else:
-                q += u
-        return sl, q
+                level += term
+        return box, level
 
-    def tube(self, axis, t, c1, c2, r1, r2, warp=1.0, min_semi=0.0):
+    def tube(self, axis, knots, centre1, centre2, radius1, radius2, warp=1.0, min_semi=0.0):
         """Generalised cylinder along a coordinate axis (0=x, 1=y, 2=z).
 
-        ``t`` are knot positions (mm, any order) along ``axis``; ``c1, c2`` the centre-line in the two
-        other axes (in increasing axis order); ``r1, r2`` the radii (mm) there. Between knots everything is
-        interpolated smoothly (PCHIP). Returns (slices, q, T): q <= 1 inside, T the axial coordinate."""
-        t = np.asarray(t, dtype=np.float64)
-        order = np.argsort(t)
-        t = t[order]
-        c1, c2, r1, r2 = (np.broadcast_to(np.asarray(v, dtype=np.float64), t.shape)[order] for v in (c1, c2, r1, r2))
-        o1, o2 = [a for a in range(3) if a != axis]
-        td = np.linspace(t[0], t[-1], 97)
-        C1 = PchipInterpolator(t, c1)(td)
-        C2 = PchipInterpolator(t, c2)(td)
-        R1 = np.maximum(PchipInterpolator(t, r1)(td), 1e-3)
-        R2 = np.maximum(PchipInterpolator(t, r2)(td), 1e-3)
+        ``knots`` are positions (mm, any order) along ``axis``; ``centre1, centre2`` the centre-line in the
+        two other axes (in increasing axis order); ``radius1, radius2`` the radii (mm) there. Between knots
+        everything is interpolated smoothly (PCHIP). Returns (box, level, axial): level <= 1 inside, axial
+        the coordinate along ``axis`` (mm)."""
+        knots = np.asarray(knots, dtype=np.float64)
+        order = np.argsort(knots)
+        knots = knots[order]
+        centre1, centre2, radius1, radius2 = (
+            np.broadcast_to(np.asarray(v, dtype=np.float64), knots.shape)[order]
+            for v in (centre1, centre2, radius1, radius2)
+        )
+        o1, o2 = _other_axes(axis)
+        t_fine = np.linspace(knots[0], knots[-1], 97)
+        line1 = PchipInterpolator(knots, centre1)(t_fine)
+        line2 = PchipInterpolator(knots, centre2)(t_fine)
+        rad1 = np.maximum(PchipInterpolator(knots, radius1)(t_fine), 1e-3)
+        rad2 = np.maximum(PchipInterpolator(knots, radius2)(t_fine), 1e-3)
         # an oblique centre-line cuts the axis-normal plane in a wider ellipse
-        R1 = R1 * np.sqrt(1 + np.gradient(C1, td) ** 2)
-        R2 = R2 * np.sqrt(1 + np.gradient(C2, td) ** 2)
+        rad1 = rad1 * np.sqrt(1 + np.gradient(line1, t_fine) ** 2)
+        rad2 = rad2 * np.sqrt(1 + np.gradient(line2, t_fine) ** 2)
         if min_semi > 0:
-            R1 = np.maximum(R1, min_semi * self.vox[o1])
-            R2 = np.maximum(R2, min_semi * self.vox[o2])
+            rad1 = np.maximum(rad1, min_semi * self.voxel_mm[o1])
+            rad2 = np.maximum(rad2, min_semi * self.voxel_mm[o2])
         lo, hi = np.zeros(3), np.zeros(3)
-        lo[axis], hi[axis] = t[0], t[-1]
-        lo[o1], hi[o1] = (C1 - R1).min(), (C1 + R1).max()
-        lo[o2], hi[o2] = (C2 - R2).min(), (C2 + R2).max()
-        m = self.margin(warp)
-        sl = self.bbox(lo - m, hi + m)
-        if sl is None:
+        lo[axis], hi[axis] = knots[0], knots[-1]
+        lo[o1], hi[o1] = (line1 - rad1).min(), (line1 + rad1).max()
+        lo[o2], hi[o2] = (line2 - rad2).min(), (line2 + rad2).max()
+        pad = self.margin(warp)
+        box = self.box(lo - pad, hi + pad)
+        if box is None:
             return None, _OUTSIDE, _OUTSIDE
-        T = self.lin(sl, warp, np.eye(3)[axis])
-        # nearest-entry lookup in fine tables along the axis (table step < 0.5 mm for a 500 mm tube)
-        nt = 1025
-        tf = np.linspace(t[0], t[-1], nt)
-        idx = np.clip(T, np.float32(t[0]), np.float32(t[-1]))
-        idx -= np.float32(t[0])
-        idx *= np.float32((nt - 1) / max(t[-1] - t[0], 1e-6))
-        idx = np.rint(idx).astype(np.intp)
-        q = None
-        for o, C, Rr in ((o1, C1, R1), (o2, C2, R2)):
-            Ct = np.interp(tf, td, C).astype(np.float32)
-            Rinv = (1.0 / np.interp(tf, td, Rr)).astype(np.float32)
-            v = self.lin(sl, warp, np.eye(3)[o])
-            v -= Ct[idx]
-            v *= Rinv[idx]
-            np.multiply(v, v, out=v)
-            if q is None:
-                q = v
+        axial = self.linear_field(box, warp, np.eye(3)[axis])
+        idx = self._table_index(axial, knots)
+        t_table = np.linspace(knots[0], knots[-1], _TUBE_TABLE)
+        level = None
+        for other, line, rad in ((o1, line1, rad1), (o2, line2, rad2)):
+            line_t = np.interp(t_table, t_fine, line).astype(np.float32)
+            inv_rad_t = (1.0 / np.interp(t_table, t_fine, rad)).astype(np.float32)
+            term = self.linear_field(box, warp, np.eye(3)[other])
+            term -= line_t[idx]
+            term *= inv_rad_t[idx]
+            np.multiply(term, term, out=term)
+            if level is None:
+                level = term
             else:
-                q += v
-        q[(T < t[0]) | (T > t[-1])] = np.inf
-        return sl, q, T
+                level += term
+        level[(axial < knots[0]) | (axial > knots[-1])] = np.inf
+        return box, level, axial
 
-    def label_count(self, label):
+    @staticmethod
+    def _table_index(axial: np.ndarray, knots: np.ndarray) -> np.ndarray:
+        """Nearest-entry index into a fine table along the tube axis (step < 0.5 mm for a 500 mm tube)."""
+        idx = np.clip(axial, np.float32(knots[0]), np.float32(knots[-1]))
+        idx -= np.float32(knots[0])
+        idx *= np.float32((_TUBE_TABLE - 1) / max(knots[-1] - knots[0], 1e-6))
+        return np.rint(idx).astype(np.intp)
+
+    def label_count(self, label: int) -> int:
         """Voxels currently carrying ``label`` (searched within the boxes it was painted in)."""
-        if label not in self.lab_box:
+        if label not in self.label_boxes:
             return 0
-        lo, hi = self.lab_box[label]
-        return int(np.count_nonzero(self.lab[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] == label))
+        lo, hi = self.label_boxes[label]
+        return int(np.count_nonzero(self.labels[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] == label))
 
     # -- painting ----------------------------------------------------------------------------
-    def paint(self, sl, mask, value, sd=0.0, label=None, allowed=None, only_label=None, protect=False):
-        """Set HU = value + sd * N(0,1) (and the label) on ``mask`` within ``sl``; return the voxel count."""
-        if sl is None:
+    def paint(self, box, mask, value, sd=0.0, label=None, allowed=None, only_label=None, protect=False) -> int:
+        """Set HU = value + sd * N(0,1) (and the label) on ``mask`` within ``box``; return the voxel count.
+
+        value / sd in HU; ``allowed`` a full-volume bool mask; ``only_label`` restricts to voxels already
+        labeled so; ``protect`` marks the painted voxels as protected."""
+        if box is None:
             return 0
-        sub = self.hu[sl]
+        sub = self.hu[box]
         mask = np.broadcast_to(mask, sub.shape)
         if allowed is not None:
-            mask = mask & allowed[sl]
+            mask = mask & allowed[box]
         if only_label is not None:
-            mask = mask & (self.lab[sl] == only_label)
-        n = int(np.count_nonzero(mask))
-        if n == 0:
+            mask = mask & (self.labels[box] == only_label)
+        count = int(np.count_nonzero(mask))
+        if count == 0:
             return 0
         v = np.broadcast_to(np.asarray(value, dtype=np.float32), sub.shape)[mask] if np.ndim(value) else value
         vals = np.float32(v) if np.ndim(v) == 0 else v
         if sd > 0:
-            vals = vals + np.float32(sd) * self.rng.standard_normal(n, dtype=np.float32)
+            vals = vals + np.float32(sd) * self.texture_rng.standard_normal(count, dtype=np.float32)
         sub[mask] = vals
         if label is not None:
-            self.lab[sl][mask] = label
-            lo = [x.start for x in sl]
-            hi = [x.stop for x in sl]
-            if label in self.lab_box:
-                lo0, hi0 = self.lab_box[label]
-                lo, hi = [min(a, b) for a, b in zip(lo, lo0)], [max(a, b) for a, b in zip(hi, hi0)]
-            self.lab_box[label] = (lo, hi)
+            self.labels[box][mask] = label
+            self._grow_label_box(label, box)
         if protect:
-            self.protected[sl][mask] = True
-        return n
+            self.protected[box][mask] = True
+        return count
+
+    def _grow_label_box(self, label: int, box: _Box) -> None:
+        lo = [s.start for s in box]
+        hi = [s.stop for s in box]
+        if label in self.label_boxes:
+            lo0, hi0 = self.label_boxes[label]
+            lo, hi = [min(a, b) for a, b in zip(lo, lo0)], [max(a, b) for a, b in zip(hi, hi0)]
+        self.label_boxes[label] = (lo, hi)
+
+
+_TUBE_TABLE = 1025  # entries of the fine centre-line / radius tables along a tube
 
 
 # ----------------------------------------------------------------------------------------------
-# subject parameters
+# subject parameters (drawn from their own stream, in this exact order)
 # ----------------------------------------------------------------------------------------------
 def _sample_params(rng: np.random.Generator, spacing, kind: str) -> dict[str, Any]:
-    """Draw every per-subject random parameter (sizes in mm, intensities in HU)."""
-    u = rng.uniform
+    """Draw every per-subject random parameter (sizes in mm, intensities in HU).
+
+    Keys: vox (jittered voxel size, mm), body outline A / B_ant / B_post / f_* / m and offsets bx / by (mm),
+    s_z, margins and jitters (mm), warp (smooth-deformation terms), g (contrast enhancement factor),
+    I (tissue -> HU), noise_sd (HU), blur (in-plane, through-plane sigma in voxels)."""
+    uniform = rng.uniform
+    params = _sample_body_params(uniform, spacing, kind)
+    enhancement = _sample_contrast(uniform, kind)
+    params["g"] = enhancement
+    params["I"] = _sample_tissue_hu(uniform, enhancement)
+    params["noise_sd"] = uniform(10, 20) if kind == "btcv" else uniform(10, 25)
+    params["blur"] = (uniform(0.6, 0.9), uniform(0.55, 0.7))  # in-plane, through-plane sigma (voxels)
+    return params
+
+
+def _sample_body_params(u: Callable[..., Any], spacing, kind: str) -> dict[str, Any]:
+    """Voxel size, body outline, field of view and smooth deformation (mm)."""
     p: dict[str, Any] = {}
     jit = u(0.9, 1.1)
     p["vox"] = (spacing[0] * jit, spacing[1] * jit, float(spacing[2]))
-    bs = u(0.9, 1.08)  # body size
-    asp = u(0.9, 1.1)  # AP / LR aspect
+    body_size = u(0.9, 1.08)
+    aspect = u(0.9, 1.1)  # AP / LR aspect
     p.update(
-        A=_REF["A"] * bs,
-        B_ant=_REF["B_ant"] * bs * asp,
-        B_post=_REF["B_post"] * bs * asp,
+        A=_REF["A"] * body_size,
+        B_ant=_REF["B_ant"] * body_size * aspect,
+        B_post=_REF["B_post"] * body_size * aspect,
         f_lat=u(12, 32),
         f_ant=u(8, 28),
         f_post=u(10, 26),
@@ -300,7 +345,7 @@ def _sample_params(rng: np.random.Generator, spacing, kind: str) -> dict[str, An
         bx=u(-8, 8),
         by=u(-12, 6),
     )
-    p["s_z"] = 0.5 * bs / 0.99 + 0.5 * u(0.9, 1.1)
+    p["s_z"] = 0.5 * body_size / 0.99 + 0.5 * u(0.9, 1.1)
     p["top_margin"] = u(20, 50) + (u(0, 90) if kind == "tcia" and u() < 0.5 else 0.0)
     p["bottom_margin"] = u(10, 35)
     p["crest_jit"] = u(-10, 10)
@@ -310,18 +355,24 @@ def _sample_params(rng: np.random.Generator, spacing, kind: str) -> dict[str, An
         [(u(2.5, 5.0) * (1 if u() < 0.5 else -1), u(160, 400, size=3), u(0, 2 * np.pi, size=3)) for _ in range(2)]
         for _ in range(3)
     ]
-    # contrast: enhancement factor g (0 = non-contrast), HU values jittered +-8 per organ
+    return p
+
+
+def _sample_contrast(u: Callable[..., Any], kind: str) -> float:
+    """Enhancement factor g: 0 = non-contrast, 1 = typical portal-venous phase."""
     if kind == "tcia" and u() < 0.3:
-        g = 0.0
-    else:
-        g = u(0.85, 1.15) if kind == "btcv" else u(0.6, 1.2)
-    p["g"] = g
+        return 0.0
+    return u(0.85, 1.15) if kind == "btcv" else u(0.6, 1.2)
+
+
+def _sample_tissue_hu(u: Callable[..., Any], g: float) -> dict[str, float]:
+    """Mean HU of every tissue; enhancing tissues interpolate unenhanced -> enhanced by ``g``, +-8 HU jitter."""
 
     def hu(unenh, enh, j=8.0):
         return unenh + (enh - unenh) * g + u(-j, j)
 
     liver = hu(58, 110)
-    p["I"] = dict(
+    return dict(
         air=-1000.0,
         subfat=u(-115, -90),
         visfat=u(-110, -85),
@@ -354,539 +405,914 @@ def _sample_params(rng: np.random.Generator, spacing, kind: str) -> dict[str, An
         cartilage=u(90, 160),
         table=u(60, 160),
     )
-    p["noise_sd"] = u(10, 20) if kind == "btcv" else u(10, 25)
-    p["blur"] = (u(0.6, 0.9), u(0.55, 0.7))  # in-plane, through-plane sigma (voxels)
-    return p
 
 
 # ----------------------------------------------------------------------------------------------
-# the renderer
+# the scene: canvas + body frame + shared state of one subject
 # ----------------------------------------------------------------------------------------------
-def _render(seed: int, shape, spacing, kind: str):
+@dataclass
+class _BodyFrame:
+    """Subject body geometry (mm) and the template -> subject mapping (see ``_REF``)."""
+
+    half_width: float  # body half-width
+    half_depth_ant: float  # body half-depth, anterior
+    half_depth_post: float  # body half-depth, posterior
+    fat_lateral: float  # subcutaneous fat thickness
+    fat_anterior: float
+    fat_posterior: float
+    muscle_wall: float  # abdominal-wall muscle thickness
+    cavity_half_width: float  # abdominal cavity: half-width, anterior / posterior half-depth
+    cavity_ant: float
+    cavity_post: float
+    scale_x: float  # template -> subject scale, lateral
+    scale_y: float  # anterior-posterior
+    scale_z: float  # cranio-caudal
+    scale_organ: float  # isotropic organ-size scale
+    y_vertebra: float  # vertebral-body centre, subject y (mm)
+    crest_z: float  # iliac crest height (mm)
+    z_top: float  # field of view (mm)
+    z_bottom: float
+
+    def to_mm(self, x_t, y_t, z_t) -> tuple:
+        """Template coordinates -> subject anatomical coordinates (mm)."""
+        return (x_t * self.scale_x, self.y_vertebra + (y_t - _REF_Y_VB) * self.scale_y, z_t * self.scale_z)
+
+
+def _body_frame(p: dict[str, Any]) -> _BodyFrame:
+    """The body frame of a subject from its parameters (no random draws)."""
+    A, Ba, Bp, f_lat, f_ant, f_post, m = (p[k] for k in ("A", "B_ant", "B_post", "f_lat", "f_ant", "f_post", "m"))
+    cav_A, cav_ant, cav_post = A - f_lat - m, Ba - f_ant - m, Bp - f_post - m
+    scale_x = cav_A / _REF_CAV_A
+    y_vb = -Bp + f_post + m + 50.0 * (cav_post / (_REF["B_post"] - _REF["f_post"] - _REF["m"])) ** 0.5
+    scale_y = (cav_ant - y_vb) / (_REF_CAV_ANT - _REF_Y_VB)
+    scale_z = p["s_z"]
+    crest = -200.0 * scale_z + p["crest_jit"]
+    return _BodyFrame(
+        half_width=A,
+        half_depth_ant=Ba,
+        half_depth_post=Bp,
+        fat_lateral=f_lat,
+        fat_anterior=f_ant,
+        fat_posterior=f_post,
+        muscle_wall=m,
+        cavity_half_width=cav_A,
+        cavity_ant=cav_ant,
+        cavity_post=cav_post,
+        scale_x=scale_x,
+        scale_y=scale_y,
+        scale_z=scale_z,
+        scale_organ=(scale_x * scale_y * scale_z) ** (1.0 / 3.0),
+        y_vertebra=y_vb,
+        crest_z=crest,
+        z_top=p["top_margin"],
+        z_bottom=crest - p["bottom_margin"],
+    )
+
+
+@dataclass
+class _Spine:
+    """Per-slice spine geometry (mm) and the voxel box around it (shared by back muscles and vertebrae)."""
+
+    y_body: np.ndarray  # vertebral-body centre y, per slice [Z]
+    half_width: np.ndarray  # vertebral-body semi-axes, per slice [Z]
+    half_depth: np.ndarray
+    y_canal: np.ndarray  # spinal-canal centre y, per slice [Z]
+    canal_radius: float
+    ring_thickness: float  # posterior-arch thickness around the canal
+    spinous_length: float
+    box: _Box
+    x: np.ndarray  # coordinates on ``box`` (broadcastable)
+    y: np.ndarray
+
+
+@dataclass
+class _Scene:
+    """Everything the painters share for one subject: the canvas, the body frame, tissue HU values, the random
+    streams and the masks built up while painting (all [X, Y, Z] bool unless noted)."""
+
+    canvas: _Canvas
+    frame: _BodyFrame
+    params: dict[str, Any]
+    tissue: dict[str, float]  # tissue -> mean HU
+    geometry_rng: np.random.Generator  # shapes and positions
+    bowel_rng: np.random.Generator  # bowel loops and pulmonary vessels
+    texture_rng: np.random.Generator  # per-voxel texture and image noise
+    min_voxel: float  # larger in-plane voxel size (mm)
+    body: np.ndarray | None = None  # inside the skin
+    wall: np.ndarray | None = None  # inside the subcutaneous fat (muscle wall and cavity)
+    cavity: np.ndarray | None = None  # abdominal / thoracic cavity
+    depth_wobble: np.ndarray | None = None  # per-slice scale of the body depth [Z]
+    diaphragm_z: np.ndarray | None = None  # diaphragm height map [X, Y] float32 (mm)
+    below_diaphragm: np.ndarray | None = None
+    allowed_abdomen: np.ndarray | None = None  # where abdominal organs may be painted
+    allowed_anywhere: np.ndarray | None = None  # where vessels may be painted (cavity, unprotected)
+    spine: _Spine | None = None
+    bifurcation_z: float = 0.0  # aortic bifurcation height (mm)
+    group_shift: dict[str, np.ndarray] = field(default_factory=dict)  # position jitter of organ groups (mm)
+    size_factor: dict[int, float] = field(default_factory=dict)  # per-organ size scale
+    stomach_shift: np.ndarray | None = None  # the stomach's offset (mm), followed by the oesophagus
+
+    def uniform(self, *args, **kwargs):
+        return self.geometry_rng.uniform(*args, **kwargs)
+
+    def normal(self, *args, **kwargs):
+        return self.geometry_rng.normal(*args, **kwargs)
+
+    def jitter(self, scale: float = 1.0) -> np.ndarray:
+        """Position jitter (mm) of an organ or group: sd 5 mm in x, y and 8 mm in z, times ``scale``."""
+        return np.array([self.normal(0, 5.0 * scale), self.normal(0, 5.0 * scale), self.normal(0, 8.0 * scale)])
+
+    def jitter_axes(self, semi) -> np.ndarray:
+        """Semi-axes (mm) with an independent +-5% jitter each."""
+        return np.asarray(semi, dtype=np.float64) * self.uniform(0.95, 1.05, size=3)
+
+    def point(self, x_t, y_t, z_t) -> np.ndarray:
+        """Template point -> subject mm, as a float64 array."""
+        return np.array(self.frame.to_mm(x_t, y_t, z_t))
+
+
+def _new_scene(seed: int, shape, spacing, kind: str) -> _Scene:
     # independent streams, so that changing one part of the anatomy does not reshuffle the others
     r_par, r_geo, r_bow, r_tex = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
-    u = r_geo.uniform
-    n = r_geo.normal
-    P = _sample_params(r_par, spacing, kind)
-    I = P["I"]
+    params = _sample_params(r_par, spacing, kind)
+    frame = _body_frame(params)
+    sx, sy, sz = params["vox"]
     nx, ny = int(shape[0]), int(shape[1])
-    sx, sy, sz = P["vox"]
+    nz = max(8, int(round((frame.z_top - frame.z_bottom) / sz)))
+    canvas = _Canvas(nx, ny, nz, params["vox"], params["bx"], params["by"], frame.z_bottom, r_tex, params["warp"])
+    return _Scene(
+        canvas=canvas,
+        frame=frame,
+        params=params,
+        tissue=params["I"],
+        geometry_rng=r_geo,
+        bowel_rng=r_bow,
+        texture_rng=r_tex,
+        min_voxel=float(max(sx, sy)),
+    )
 
-    # --- body geometry (mm) ----------------------------------------------------------------
-    A, Ba, Bp, f_lat, f_ant, f_post, m = (P[k] for k in ("A", "B_ant", "B_post", "f_lat", "f_ant", "f_post", "m"))
-    cav_A, cav_ant, cav_post = A - f_lat - m, Ba - f_ant - m, Bp - f_post - m
-    sxs = cav_A / _REF_CAV_A  # lateral scale of the anatomy
-    y_vb = -Bp + f_post + m + 50.0 * (cav_post / (_REF["B_post"] - _REF["f_post"] - _REF["m"])) ** 0.5
-    sys_ = (cav_ant - y_vb) / (_REF_CAV_ANT - _REF_Y_VB)  # anterior-posterior scale
-    szs = P["s_z"]
-    s_org = (sxs * sys_ * szs) ** (1.0 / 3.0)  # isotropic organ-size scale
 
-    def X(x_t, y_t, z_t):  # template -> subject anatomical mm
-        return (x_t * sxs, y_vb + (y_t - _REF_Y_VB) * sys_, z_t * szs)
+# ----------------------------------------------------------------------------------------------
+# unlabeled structures, painted in the order of _STRUCTURE_PAINTERS
+# ----------------------------------------------------------------------------------------------
+def paint_body(scene: _Scene) -> None:
+    """Skin outline, subcutaneous fat, muscle wall and cavity: per-slice superellipses (flatter posteriorly).
 
-    crest = -200.0 * szs + P["crest_jit"]
-    z_top = P["top_margin"]
-    z_bottom = crest - P["bottom_margin"]
-    nz = max(8, int(round((z_top - z_bottom) / sz)))
-    cv = _Canvas(nx, ny, nz, P["vox"], P["bx"], P["by"], z_bottom, r_tex, P["warp"])
-    xa, ya, za = cv.xa, cv.ya, cv.za
-    min_vox = float(max(sx, sy))
+    Sets ``scene.body / wall / cavity`` and protects everything outside the cavity."""
+    canvas, frame, tissue = scene.canvas, scene.frame, scene.tissue
+    x_mm, y_mm, z_mm = canvas.x_mm, canvas.y_mm, canvas.z_mm
+    phase = scene.uniform(0, 2 * np.pi, size=2)
+    width_wobble = 1 + 0.03 * np.sin(2 * np.pi * z_mm / 180.0 + phase[0])
+    hips = 1 + 0.08 * np.clip((frame.crest_z + 20 - z_mm) / 60.0, 0, 1)
+    scene.depth_wobble = 1 + 0.025 * np.sin(2 * np.pi * z_mm / 150.0 + phase[1])
 
-    # --- body outline: per-slice superellipses (flatter posteriorly) ---------------------------
-    ph = u(0, 2 * np.pi, size=2)
-    wob = 1 + 0.03 * np.sin(2 * np.pi * za / 180.0 + ph[0])
-    hips = 1 + 0.08 * np.clip((crest + 20 - za) / 60.0, 0, 1)
-    Az = A * wob * hips
-    Bz = 1 + 0.025 * np.sin(2 * np.pi * za / 150.0 + ph[1])
-
-    # rho = gx(x, z) + gy(y, z) <= 1 per layer (body, muscle wall, abdominal cavity); filled row by row
-    sxz = (wob * hips).astype(np.float32)[None, :]
-    syz = Bz.astype(np.float32)[None, :]
-    ypos = (ya >= 0)[:, None]
-    yabs = np.abs(ya)[:, None]
+    # level = gx(x, z) + gy(y, z) <= 1 per layer (body, muscle wall, abdominal cavity); filled row by row
+    width_scale = (width_wobble * hips).astype(np.float32)[None, :]
+    depth_scale = scene.depth_wobble.astype(np.float32)[None, :]
+    anterior = (y_mm >= 0)[:, None]
+    y_abs = np.abs(y_mm)[:, None]
     layers = []
-    for a_, b1, b2 in ((A, Ba, Bp), (A - f_lat, Ba - f_ant, Bp - f_post), (cav_A, cav_ant, cav_post)):
-        gx = (xa[:, None] / (np.float32(a_) * sxz)) ** 2  # (nx, nz)
-        yn = np.where(ypos, yabs / (np.float32(b1) * syz), yabs / (np.float32(b2) * syz))
-        gy = np.where(ypos, yn * yn, yn ** np.float32(2.6))  # (ny, nz)
+    for half_width, depth_ant, depth_post in (
+        (frame.half_width, frame.half_depth_ant, frame.half_depth_post),
+        (
+            frame.half_width - frame.fat_lateral,
+            frame.half_depth_ant - frame.fat_anterior,
+            frame.half_depth_post - frame.fat_posterior,
+        ),
+        (frame.cavity_half_width, frame.cavity_ant, frame.cavity_post),
+    ):
+        gx = (x_mm[:, None] / (np.float32(half_width) * width_scale)) ** 2  # (nx, nz)
+        yn = np.where(
+            anterior, y_abs / (np.float32(depth_ant) * depth_scale), y_abs / (np.float32(depth_post) * depth_scale)
+        )
+        gy = np.where(anterior, yn * yn, yn ** np.float32(2.6))  # (ny, nz)
         layers.append((gx.astype(np.float32), gy.astype(np.float32)))
-    body = np.empty(cv.shape, dtype=bool)
-    wall = np.empty(cv.shape, dtype=bool)
-    cavity = np.empty(cv.shape, dtype=bool)
-    hu = cv.hu
-    v_air, v_sub, v_mus, v_vis = (np.float32(v) for v in (I["air"], I["subfat"], I["muscle"], I["visfat"]))
-    for i in range(nx):
-        for arr, (gx, gy) in zip((body, wall, cavity), layers):
-            np.less_equal(gx[i][None, :] + gy, 1, out=arr[i])
-        hu[i] = np.where(cavity[i], v_vis, np.where(wall[i], v_mus, np.where(body[i], v_sub, v_air)))
-    np.logical_not(cavity, out=cv.protected)
+    scene.body, scene.wall, scene.cavity = (np.empty(canvas.shape, dtype=bool) for _ in range(3))
+    v_air, v_sub, v_mus, v_vis = (np.float32(tissue[k]) for k in ("air", "subfat", "muscle", "visfat"))
+    for i in range(canvas.shape[0]):
+        for mask, (gx, gy) in zip((scene.body, scene.wall, scene.cavity), layers):
+            np.less_equal(gx[i][None, :] + gy, 1, out=mask[i])
+        canvas.hu[i] = np.where(
+            scene.cavity[i], v_vis, np.where(scene.wall[i], v_mus, np.where(scene.body[i], v_sub, v_air))
+        )
+    np.logical_not(scene.cavity, out=canvas.protected)
 
-    # CT table: a shallow curved plate under the patient
-    yt0 = -Bp * float(Bz.min()) - u(2, 10)
-    ytab = yt0 + 0.0006 * xa**2
-    tab2d = (ya[None, :] <= ytab[:, None]) & (ya[None, :] > ytab[:, None] - 6.0) & (np.abs(xa)[:, None] < 0.42 * nx * sx)
-    hu[tab2d] = np.float32(I["table"])  # (broadcast over z)
 
-    # diaphragm height map (mm), lower laterally and posteriorly
-    xr = xa[:, None] / cav_A
-    yr = ya[None, :] / cav_ant
-    zd = (-4.0 + 5.0 * np.tanh(xa[:, None] / 40.0) - 28.0 * xr**2 - 32.0 * (yr - 0.15) ** 2) * szs + P["dome_jit"]
-    zd = zd.astype(np.float32)
-    below = za[None, None, :] < zd[:, :, None]
-    allowed_abd = cavity & below  # updated below once muscles / bones are protected
+def paint_table(scene: _Scene) -> None:
+    """CT table: a shallow curved plate (6 mm) under the patient."""
+    canvas = scene.canvas
+    x_mm, y_mm = canvas.x_mm, canvas.y_mm
+    y_top0 = -scene.frame.half_depth_post * float(scene.depth_wobble.min()) - scene.uniform(2, 10)
+    y_top = y_top0 + 0.0006 * x_mm**2
+    plate = (y_mm[None, :] <= y_top[:, None]) & (y_mm[None, :] > y_top[:, None] - 6.0)
+    plate &= np.abs(x_mm)[:, None] < 0.42 * canvas.shape[0] * float(canvas.voxel_mm[0])
+    canvas.hu[plate] = np.float32(scene.tissue["table"])  # (broadcast over z)
 
-    # --- bowel: colon (air-fluid levels, faeces) and small-bowel loops (unlabeled) ------------
-    def hollow(sl, q, wall_frac, content, content_sd, air_level=None, allowed=None):
-        if sl is None:
-            return
-        inside = q <= 1
-        cv.paint(sl, inside, I["bowel_wall"], 8.0, allowed=allowed)
-        lumen = q <= wall_frac
-        cv.paint(sl, lumen, content, content_sd, allowed=allowed)
-        if air_level is not None:
-            yy = cv.ya[sl[1]][None, :, None]
-            ys = np.nonzero(np.broadcast_to(lumen, q.shape).any(axis=(0, 2)))[0]
-            if ys.size:
-                ytop = float(cv.ya[sl[1]][ys].max())
-                cv.paint(sl, lumen & (yy > ytop - air_level), -900.0, 25.0, allowed=allowed)
 
-    ub = r_bow.uniform
-    zc_lo = z_bottom - 20
-    for side, (xt, yt, zt_top, r) in {1: (84, -8, -140, 22.0), -1: (-88, -22, -95, 19.0)}.items():
-        cx, cy, _ = X(xt, yt, 0)
-        rr = r * s_org * ub(0.85, 1.15)
-        zz = [zc_lo, (zc_lo + zt_top * szs) / 2, zt_top * szs]
-        sl, q, _ = cv.tube(2, zz, [cx, cx + ub(-8, 8), cx], [cy, cy + ub(-8, 8), cy], [rr] * 3, [rr] * 3, warp=1.0)
-        hollow(sl, q, (1 - 3.0 / rr) ** 2, ub(-150, 20), 60.0, air_level=ub(8, 30), allowed=allowed_abd)
-    xs_ = [X(x, 0, 0)[0] for x in (-86, -40, 0, 40, 84)]
-    ys_ = [X(0, y, 0)[1] for y in (40, 62, 58, 60, 45)]
-    zs_ = [z * szs for z in (-95, -150, -165, -150, -140)]
+def map_diaphragm(scene: _Scene) -> None:
+    """Diaphragm height map (mm), lower laterally and posteriorly; ``below_diaphragm`` and a first
+    ``allowed_abdomen`` (refined once muscles and bones are protected)."""
+    canvas, frame = scene.canvas, scene.frame
+    xr = canvas.x_mm[:, None] / frame.cavity_half_width
+    yr = canvas.y_mm[None, :] / frame.cavity_ant
+    dome = -4.0 + 5.0 * np.tanh(canvas.x_mm[:, None] / 40.0) - 28.0 * xr**2 - 32.0 * (yr - 0.15) ** 2
+    scene.diaphragm_z = (dome * frame.scale_z + scene.params["dome_jit"]).astype(np.float32)
+    scene.below_diaphragm = canvas.z_mm[None, None, :] < scene.diaphragm_z[:, :, None]
+    scene.allowed_abdomen = scene.cavity & scene.below_diaphragm
+
+
+def _paint_hollow(scene: _Scene, box, level, wall_frac, content, content_sd, air_level=None, allowed=None) -> None:
+    """A hollow viscus: bowel wall on ``level <= 1``, ``content`` (HU) in the lumen ``level <= wall_frac``, and
+    an anterior gas cap ``air_level`` mm deep."""
+    if box is None:
+        return
+    canvas = scene.canvas
+    canvas.paint(box, level <= 1, scene.tissue["bowel_wall"], 8.0, allowed=allowed)
+    lumen = level <= wall_frac
+    canvas.paint(box, lumen, content, content_sd, allowed=allowed)
+    if air_level is not None:
+        y_box = canvas.y_mm[box[1]][None, :, None]
+        ys = np.nonzero(np.broadcast_to(lumen, level.shape).any(axis=(0, 2)))[0]
+        if ys.size:
+            y_top = float(canvas.y_mm[box[1]][ys].max())
+            canvas.paint(box, lumen & (y_box > y_top - air_level), -900.0, 25.0, allowed=allowed)
+
+
+def paint_colon(scene: _Scene) -> None:
+    """Ascending / descending and transverse colon (air-fluid levels, faeces), then the duodenal C-loop."""
+    frame, ub, allowed = scene.frame, scene.bowel_rng.uniform, scene.allowed_abdomen
+    s_org, szs = frame.scale_organ, frame.scale_z
+    z_low = frame.z_bottom - 20
+    for xt, yt, zt_top, radius in ((84, -8, -140, 22.0), (-88, -22, -95, 19.0)):  # right, left
+        cx, cy, _ = frame.to_mm(xt, yt, 0)
+        rr = radius * s_org * ub(0.85, 1.15)
+        zz = [z_low, (z_low + zt_top * szs) / 2, zt_top * szs]
+        box, level, _ = scene.canvas.tube(
+            2, zz, [cx, cx + ub(-8, 8), cx], [cy, cy + ub(-8, 8), cy], [rr] * 3, [rr] * 3, warp=1.0
+        )
+        _paint_hollow(scene, box, level, (1 - 3.0 / rr) ** 2, ub(-150, 20), 60.0, air_level=ub(8, 30), allowed=allowed)
+    xs = [frame.to_mm(x, 0, 0)[0] for x in (-86, -40, 0, 40, 84)]
+    ys = [frame.to_mm(0, y, 0)[1] for y in (40, 62, 58, 60, 45)]
+    zs = [z * szs for z in (-95, -150, -165, -150, -140)]
     rr = 20.0 * s_org * ub(0.85, 1.15)
-    sl, q, _ = cv.tube(0, xs_, ys_, [z + ub(-10, 10) for z in zs_], [rr] * 5, [rr] * 5, warp=1.0)
-    hollow(sl, q, (1 - 3.0 / rr) ** 2, ub(-150, 20), 60.0, air_level=ub(5, 25), allowed=allowed_abd)
+    box, level, _ = scene.canvas.tube(0, xs, ys, [z + ub(-10, 10) for z in zs], [rr] * 5, [rr] * 5, warp=1.0)
+    _paint_hollow(scene, box, level, (1 - 3.0 / rr) ** 2, ub(-150, 20), 60.0, air_level=ub(5, 25), allowed=allowed)
     # duodenum (C-loop beside the pancreatic head)
-    dx_, dy_, _ = X(58, 12, 0)
-    sl, q, _ = cv.tube(
-        2, [-150 * szs, -120 * szs, -92 * szs], [dx_ - 10, dx_, dx_ - 8], [dy_, dy_ - 4, dy_ + 4], [11] * 3, [11] * 3
+    dx, dy, _ = frame.to_mm(58, 12, 0)
+    box, level, _ = scene.canvas.tube(
+        2, [-150 * szs, -120 * szs, -92 * szs], [dx - 10, dx, dx - 8], [dy, dy - 4, dy + 4], [11] * 3, [11] * 3
     )
-    hollow(sl, q, 0.55, I["fluid"], 10.0, allowed=allowed_abd)
-    for _ in range(int(r_bow.integers(10, 19))):
-        c = X(ub(-80, 80), ub(-5, 80), ub(-245, -115))
-        semi = ub(10, 20, size=3) * s_org
-        R = _rot(*ub(-90, 90, size=3))
-        sl, q = cv.ellipsoid(c, semi, R, warp=1.0)
-        kind_b = ub()
-        if kind_b < 0.6:
-            hollow(sl, q, (1 - 3.0 / semi.min()) ** 2, I["fluid"] + ub(-5, 15), 10.0, allowed=allowed_abd)
-        elif kind_b < 0.72:
-            hollow(sl, q, (1 - 3.0 / semi.min()) ** 2, -900.0, 25.0, allowed=allowed_abd)
+    _paint_hollow(scene, box, level, 0.55, scene.tissue["fluid"], 10.0, allowed=allowed)
+
+
+def paint_small_bowel(scene: _Scene) -> None:
+    """10-18 small-bowel loops: fluid-filled (60%), gas-filled (12%) or collapsed (28%)."""
+    ub, tissue, allowed = scene.bowel_rng.uniform, scene.tissue, scene.allowed_abdomen
+    for _ in range(int(scene.bowel_rng.integers(10, 19))):
+        center = scene.frame.to_mm(ub(-80, 80), ub(-5, 80), ub(-245, -115))
+        semi = ub(10, 20, size=3) * scene.frame.scale_organ
+        rot = _rot(*ub(-90, 90, size=3))
+        box, level = scene.canvas.ellipsoid(center, semi, rot, warp=1.0)
+        loop_kind = ub()
+        lumen_level = (1 - 3.0 / semi.min()) ** 2
+        if loop_kind < 0.6:
+            _paint_hollow(scene, box, level, lumen_level, tissue["fluid"] + ub(-5, 15), 10.0, allowed=allowed)
+        elif loop_kind < 0.72:
+            _paint_hollow(scene, box, level, lumen_level, -900.0, 25.0, allowed=allowed)
         else:
-            cv.paint(sl, q <= 1, I["bowel_wall"] - ub(0, 15), 12.0, allowed=allowed_abd)
+            scene.canvas.paint(box, level <= 1, tissue["bowel_wall"] - ub(0, 15), 12.0, allowed=allowed)
 
-    # --- muscles: paraspinal (protected), psoas, iliacus ---------------------------------------
-    lord = 0.07 * np.clip(-za - 110 * szs, 0, None) - 0.05 * np.clip(za + 40 * szs, 0, None)
-    yv = (y_vb + lord).astype(np.float32)  # vertebral-body centre per slice
-    lum = np.clip((-za - 40 * szs) / (160 * szs), 0, 1)
-    vrx = ((20 + 5 * lum) * s_org).astype(np.float32)
-    vry = ((16 + 3 * lum) * s_org).astype(np.float32)
-    cr = 8.5 * s_org  # spinal canal radius
-    ring_t = max(5.5, 0.8 * min_vox)
-    yc = yv - vry - cr  # canal centre
-    sp_len = 24.0 * s_org
-    sl = cv.bbox((-70 * sxs, float(yv.min()) - 120, -1e9), (70 * sxs, float(yv.max()) + 40, 1e9))
-    Xs, Ys, _ = cv.coords(sl)
-    yv3, vrx3, vry3, yc3 = (a[sl[2]][None, None, :] for a in (yv, vrx, vry, yc))
-    mus = [((Xs - side * 27 * s_org) / (25 * s_org)) ** 2 + ((Ys - (yc3 - 20 * s_org)) / (22 * s_org)) ** 2 <= 1
-           for side in (1, -1)]
-    cv.paint(sl, (mus[0] | mus[1]) & wall[sl], I["muscle"], 8.0, protect=True)
-    # psoas: grows inferiorly from about L1
-    pr = np.clip(4 + 0.2 * (-100 * szs - za), 0, 28) * s_org
-    for side in (1, -1):
-        pr3 = np.maximum(pr[sl[2]], 1e-3)[None, None, :].astype(np.float32)
-        q = ((Xs - side * (vrx3 + 0.8 * pr3)) / pr3) ** 2 + ((Ys - (yv3 + 3)) / (0.9 * pr3)) ** 2
-        cv.paint(sl, (q <= 1) & (pr[sl[2]] > 0)[None, None, :], I["muscle"], 8.0, allowed=cavity)
 
-    # --- bones --------------------------------------------------------------------------------
-    lev_h = 34.0 * szs
-    phase = u(0, lev_h)
-    pos = np.mod(za - phase, lev_h)
-    disc = pos < 8.0 * szs
-    tp = (za < -115 * szs) & (pos > 0.35 * lev_h) & (pos < 0.65 * lev_h)
-    qv = (Xs / vrx3) ** 2 + ((Ys - yv3) / vry3) ** 2
-    vb = qv <= 1
-    disc3 = disc[sl[2]][None, None, :]
-    rc2 = Xs**2 + (Ys - yc3) ** 2
-    canal = rc2 <= cr**2
-    ring = (rc2 <= (cr + ring_t) ** 2) & ~canal
-    ys_c = yc3 - cr - ring_t - sp_len / 2 + 3
-    spin = (Xs / max(3.5, 0.6 * min_vox)) ** 2 + ((Ys - ys_c) / (sp_len / 2)) ** 2 <= 1
-    tproc = tp[sl[2]][None, None, :] & (np.abs(Xs) > cr) & (np.abs(Xs) < 45 * s_org) & (
-        np.abs(Ys - yc3) <= max(3.5, 0.6 * min_vox)
+def map_spine(scene: _Scene) -> None:
+    """Per-slice spine geometry with lumbar lordosis (no drawing, no random draws)."""
+    canvas, frame = scene.canvas, scene.frame
+    z_mm, s_org, szs = canvas.z_mm, frame.scale_organ, frame.scale_z
+    lordosis = 0.07 * np.clip(-z_mm - 110 * szs, 0, None) - 0.05 * np.clip(z_mm + 40 * szs, 0, None)
+    y_body = (frame.y_vertebra + lordosis).astype(np.float32)
+    lumbar = np.clip((-z_mm - 40 * szs) / (160 * szs), 0, 1)
+    half_depth = ((16 + 3 * lumbar) * s_org).astype(np.float32)
+    canal_radius = 8.5 * s_org
+    lo = (-70 * frame.scale_x, float(y_body.min()) - 120, -1e9)
+    box = canvas.box(lo, (70 * frame.scale_x, float(y_body.max()) + 40, 1e9))
+    x, y, _ = canvas.coords(box)
+    scene.spine = _Spine(
+        y_body=y_body,
+        half_width=((20 + 5 * lumbar) * s_org).astype(np.float32),
+        half_depth=half_depth,
+        y_canal=y_body - half_depth - canal_radius,
+        canal_radius=canal_radius,
+        ring_thickness=max(5.5, 0.8 * scene.min_voxel),
+        spinous_length=24.0 * s_org,
+        box=box,
+        x=x,
+        y=y,
     )
-    cv.paint(sl, ring | spin | tproc, I["post_elem"], 60.0, protect=True)
-    cv.paint(sl, vb & ~disc3, I["cancellous"], 50.0, protect=True)
-    cv.paint(sl, vb & ~disc3 & (qv > 0.72), I["cortical"], 60.0, protect=True)
-    cv.paint(sl, vb & disc3, I["disc"], 10.0, protect=True)
-    cv.paint(sl, canal, I["csf"], 8.0, protect=True)
-    del qv, vb, rc2, canal, ring, spin, tproc, mus, Xs, Ys
 
-    # ribs 7-12: oblique bands in the chest wall, descending anteriorly
-    Ar, Bra, Brp = cav_A + m / 2, cav_ant + m / 2, cav_post + m / 2
-    xn = xa[:, None] / Ar
-    yb = np.where(ya[None, :] >= 0, Bra, Brp)
-    yn = ya[None, :] / yb
-    rr2 = np.sqrt(xn**2 + yn**2)
-    th = np.arctan2(np.abs(xn), -yn)
-    Rloc = np.sqrt((Ar * np.sin(th)) ** 2 + (yb * np.cos(th)) ** 2)
-    band = np.abs(rr2 - 1) * Rloc <= max(4.0, 0.6 * min_vox)
-    bi, bj = np.nonzero(band)
-    bth = th[bi, bj]
-    bside = np.sign(xa[bi])
+
+def _on_spine_box(spine: _Spine, per_slice: np.ndarray) -> np.ndarray:
+    """A per-slice array [Z] cut to the spine box, shaped (1, 1, z)."""
+    return per_slice[spine.box[2]][None, None, :]
+
+
+def paint_back_muscles(scene: _Scene) -> None:
+    """Paraspinal muscles (protected) and the psoas, which grows inferiorly from about L1."""
+    canvas, spine, s_org = scene.canvas, scene.spine, scene.frame.scale_organ
+    box, x, y, muscle = spine.box, spine.x, spine.y, scene.tissue["muscle"]
+    y_body, half_width, y_canal = (_on_spine_box(spine, a) for a in (spine.y_body, spine.half_width, spine.y_canal))
+    paraspinal = [
+        ((x - side * 27 * s_org) / (25 * s_org)) ** 2 + ((y - (y_canal - 20 * s_org)) / (22 * s_org)) ** 2 <= 1
+        for side in (1, -1)
+    ]
+    canvas.paint(box, (paraspinal[0] | paraspinal[1]) & scene.wall[box], muscle, 8.0, protect=True)
+    psoas_radius = np.clip(4 + 0.2 * (-100 * scene.frame.scale_z - canvas.z_mm), 0, 28) * s_org
+    for side in (1, -1):
+        radius = np.maximum(psoas_radius[box[2]], 1e-3)[None, None, :].astype(np.float32)
+        level = ((x - side * (half_width + 0.8 * radius)) / radius) ** 2 + ((y - (y_body + 3)) / (0.9 * radius)) ** 2
+        present = (psoas_radius[box[2]] > 0)[None, None, :]
+        canvas.paint(box, (level <= 1) & present, muscle, 8.0, allowed=scene.cavity)
+
+
+def paint_vertebrae(scene: _Scene) -> None:
+    """Vertebral bodies (cancellous core, cortical rim), discs, posterior arch, spinous and transverse
+    processes, and the CSF-filled canal; all protected."""
+    canvas, spine, tissue, szs = scene.canvas, scene.spine, scene.tissue, scene.frame.scale_z
+    box, x, y, z_mm = spine.box, spine.x, spine.y, canvas.z_mm
+    y_body, half_width, half_depth, y_canal = (
+        _on_spine_box(spine, a) for a in (spine.y_body, spine.half_width, spine.half_depth, spine.y_canal)
+    )
+    cr, ring_t, sp_len = spine.canal_radius, spine.ring_thickness, spine.spinous_length
+    level_height = 34.0 * szs
+    pos = np.mod(z_mm - scene.uniform(0, level_height), level_height)  # position within a vertebral level
+    disc = _on_spine_box(spine, pos < 8.0 * szs)
+    transverse = (z_mm < -115 * szs) & (pos > 0.35 * level_height) & (pos < 0.65 * level_height)
+    body_level = (x / half_width) ** 2 + ((y - y_body) / half_depth) ** 2
+    vertebral_body = body_level <= 1
+    canal_r2 = x**2 + (y - y_canal) ** 2
+    canal = canal_r2 <= cr**2
+    ring = (canal_r2 <= (cr + ring_t) ** 2) & ~canal
+    y_spinous = y_canal - cr - ring_t - sp_len / 2 + 3
+    thin = max(3.5, 0.6 * scene.min_voxel)
+    spinous = (x / thin) ** 2 + ((y - y_spinous) / (sp_len / 2)) ** 2 <= 1
+    tproc = _on_spine_box(spine, transverse) & (np.abs(x) > cr) & (np.abs(x) < 45 * scene.frame.scale_organ)
+    tproc = tproc & (np.abs(y - y_canal) <= thin)
+    canvas.paint(box, ring | spinous | tproc, tissue["post_elem"], 60.0, protect=True)
+    canvas.paint(box, vertebral_body & ~disc, tissue["cancellous"], 50.0, protect=True)
+    canvas.paint(box, vertebral_body & ~disc & (body_level > 0.72), tissue["cortical"], 60.0, protect=True)
+    canvas.paint(box, vertebral_body & disc, tissue["disc"], 10.0, protect=True)
+    canvas.paint(box, canal, tissue["csf"], 8.0, protect=True)
+
+
+def _rib_band(scene: _Scene) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """In-plane pixels of the rib ring in the chest wall: (i, j, angle from posterior (rad), side sign)."""
+    canvas, frame = scene.canvas, scene.frame
+    x_mm, y_mm = canvas.x_mm, canvas.y_mm
+    half_m = frame.muscle_wall / 2
+    a_ring = frame.cavity_half_width + half_m
+    b_ring = np.where(y_mm[None, :] >= 0, frame.cavity_ant + half_m, frame.cavity_post + half_m)
+    xn = x_mm[:, None] / a_ring
+    yn = y_mm[None, :] / b_ring
+    radius = np.sqrt(xn**2 + yn**2)
+    angle = np.arctan2(np.abs(xn), -yn)
+    local_radius = np.sqrt((a_ring * np.sin(angle)) ** 2 + (b_ring * np.cos(angle)) ** 2)
+    band = np.abs(radius - 1) * local_radius <= max(4.0, 0.6 * scene.min_voxel)
+    band_i, band_j = np.nonzero(band)
+    return band_i, band_j, angle[band_i, band_j], np.sign(x_mm[band_i])
+
+
+def paint_ribs(scene: _Scene) -> None:
+    """Ribs 7-12 (costal cartilage anteriorly): oblique bands in the chest wall, descending anteriorly; protected."""
+    canvas, szs, u = scene.canvas, scene.frame.scale_z, scene.uniform
+    band_i, band_j, band_angle, band_side = _rib_band(scene)
     rib_z0 = np.array([55, 30, 5, -20, -45, -68]) * szs + u(-10, 10)
-    rib_tmax = np.array([0.9, 0.88, 0.85, 0.8, 0.55, 0.38]) * np.pi
-    hr = max(6.0, 0.5 * sz)
+    rib_max_angle = np.array([0.9, 0.88, 0.85, 0.8, 0.55, 0.38]) * np.pi
+    half_height = max(6.0, 0.5 * float(canvas.voxel_mm[2]))
     for side in (1.0, -1.0):
-        for z0, tmax in zip(rib_z0, rib_tmax):
-            k = 30.0 * szs * u(0.9, 1.1)
-            zt = z0 + u(-4, 4) - k * bth  # rib centre height at each band pixel
-            hit = (bside == side)[:, None] & (bth >= 0.1 * np.pi)[:, None] & (bth <= tmax)[:, None]
-            hit = hit & (np.abs(zt[:, None] - za[None, :]) <= hr)
+        for z0, max_angle in zip(rib_z0, rib_max_angle):
+            slope = 30.0 * szs * u(0.9, 1.1)
+            z_rib = z0 + u(-4, 4) - slope * band_angle  # rib centre height at each band pixel
+            on_rib = (band_side == side) & (band_angle >= 0.1 * np.pi) & (band_angle <= max_angle)
+            hit = on_rib[:, None] & (np.abs(z_rib[:, None] - canvas.z_mm[None, :]) <= half_height)
             p_i, p_k = np.nonzero(hit)
             if p_i.size == 0:
                 continue
-            ii, jj = bi[p_i], bj[p_i]
-            val = np.where(bth[p_i] > 0.72 * np.pi, I["cartilage"], I["rib"]).astype(np.float32)
-            hu[ii, jj, p_k] = val + 50.0 * r_tex.standard_normal(p_i.size, dtype=np.float32)
-            cv.protected[ii, jj, p_k] = True
+            ii, jj = band_i[p_i], band_j[p_i]
+            value = np.where(band_angle[p_i] > 0.72 * np.pi, scene.tissue["cartilage"], scene.tissue["rib"])
+            noise = 50.0 * scene.texture_rng.standard_normal(p_i.size, dtype=np.float32)
+            canvas.hu[ii, jj, p_k] = value.astype(np.float32) + noise
+            canvas.protected[ii, jj, p_k] = True
 
-    # pelvis: iliac wings (and iliacus) below the iliac crest
-    low = np.nonzero(za < crest)[0]
+
+def paint_pelvis(scene: _Scene) -> None:
+    """Iliac wings (protected bone) and the iliacus muscle inside them, below the iliac crest."""
+    canvas, frame, tissue = scene.canvas, scene.frame, scene.tissue
+    z_mm, crest = canvas.z_mm, frame.crest_z
+    low_slices = np.nonzero(z_mm < crest)[0]
     for side in (1.0, -1.0):
-        cx, cy, _ = X(side * 60, _REF_Y_VB + 40, 0)
-        a_w, b_w = 55 * sxs, 60 * sys_
-        xn = (xa[:, None] - cx) / a_w
-        yn = (ya[None, :] - cy) / b_w
-        rr2 = np.sqrt(xn**2 + yn**2)
+        cx, cy, _ = frame.to_mm(side * 60, _REF_Y_VB + 40, 0)
+        a_w, b_w = 55 * frame.scale_x, 60 * frame.scale_y
+        xn = (canvas.x_mm[:, None] - cx) / a_w
+        yn = (canvas.y_mm[None, :] - cy) / b_w
+        radius = np.sqrt(xn**2 + yn**2)
         phi = np.arctan2(side * xn, -yn)
-        Rl = np.sqrt((a_w * np.sin(phi)) ** 2 + (b_w * np.cos(phi)) ** 2)
-        t_w = max(4.0, 0.6 * min_vox)
-        for k in low:
-            d = crest - za[k]
-            w = min(0.45 * np.pi, 0.12 * np.pi + 0.015 * np.pi * d)
-            arc = (phi >= 0.3 * np.pi - w) & (phi <= 0.3 * np.pi + w)
-            ili = arc & (rr2 < 1) & (rr2 > 0.45) & (phi >= 0) & (phi <= 0.55 * np.pi) & cavity[:, :, k]
-            cv.paint((slice(None), slice(None), slice(k, k + 1)), ili[:, :, None], I["muscle"], 8.0)
-            wing = arc & (np.abs(rr2 - 1) * Rl <= t_w) & body[:, :, k]
-            cv.paint((slice(None), slice(None), slice(k, k + 1)), wing[:, :, None], I["rib"], 60.0, protect=True)
+        local_radius = np.sqrt((a_w * np.sin(phi)) ** 2 + (b_w * np.cos(phi)) ** 2)
+        thickness = max(4.0, 0.6 * scene.min_voxel)
+        for k in low_slices:
+            depth = crest - z_mm[k]
+            half_arc = min(0.45 * np.pi, 0.12 * np.pi + 0.015 * np.pi * depth)
+            arc = (phi >= 0.3 * np.pi - half_arc) & (phi <= 0.3 * np.pi + half_arc)
+            iliacus = arc & (radius < 1) & (radius > 0.45) & (phi >= 0) & (phi <= 0.55 * np.pi) & scene.cavity[:, :, k]
+            slice_box = (slice(None), slice(None), slice(k, k + 1))
+            canvas.paint(slice_box, iliacus[:, :, None], tissue["muscle"], 8.0)
+            wing = arc & (np.abs(radius - 1) * local_radius <= thickness) & scene.body[:, :, k]
+            canvas.paint(slice_box, wing[:, :, None], tissue["rib"], 60.0, protect=True)
 
-    # --- thorax: diaphragm, lungs, mediastinum, heart -----------------------------------------
-    k0 = int(np.searchsorted(za, zd.min()))
-    if k0 < nz:
-        th_sl = (slice(None), slice(None), slice(k0, nz))
-        zz = za[k0:][None, None, :]
-        zdd = zd[:, :, None]
-        # posterior/middle mediastinum (fat around the aorta, oesophagus and spine)
-        med = (xa[:, None] / (38 * sxs)) ** 2 + ((ya[None, :] - (y_vb + 22 * sys_)) / (52 * sys_)) ** 2 <= 1
-        cav_t = cavity[th_sl] & ~cv.protected[th_sl]
-        cv.paint(th_sl, cav_t & (zz >= zdd) & (zz < zdd + 5.0), I["muscle"], 8.0)
-        lung = cav_t & (zz >= zdd + 5.0) & ~med[:, :, None]
-        cv.paint(th_sl, lung, I["lung"], 25.0)
-        # a few pulmonary vessels (unlabeled soft-tissue rods inside the lungs)
-        lidx = np.flatnonzero(lung)
-        if lidx.size:
-            for f in lidx[r_bow.integers(0, lidx.size, int(r_bow.integers(20, 40)))]:
-                i, j, k = np.unravel_index(f, lung.shape)
-                rv = r_bow.uniform(1.5, 3.5)
-                sl, q = cv.ellipsoid((xa[i], ya[j], za[k0 + k]), (rv, rv, 4 * rv), _rot(*r_bow.uniform(-60, 60, 3)), warp=0)
-                if sl is not None:
-                    cv.paint(sl, (q <= 1) & (cv.hu[sl] < -500), I["heart"] - 40, 10.0)
-        del cav_t, lung, lidx
-    sl, q = cv.ellipsoid(X(-15, 35, 40), np.array([65, 50, 55]) * s_org * u(0.9, 1.1), _rot(0, 0, u(-15, 15)), warp=0)
-    if sl is not None:
-        cv.paint(sl, (q <= 1) & ~below[sl] & cavity[sl] & ~cv.protected[sl], I["heart"], 15.0)
 
-    allowed_abd = cavity & below & ~cv.protected
-    allowed_all = cavity & ~cv.protected
+def paint_lungs(scene: _Scene) -> None:
+    """Above the diaphragm: its muscle (5 mm), the lungs (sparing the posterior mediastinum) and a few
+    pulmonary vessels."""
+    canvas, frame, tissue = scene.canvas, scene.frame, scene.tissue
+    nz = canvas.shape[2]
+    k0 = int(np.searchsorted(canvas.z_mm, scene.diaphragm_z.min()))
+    if k0 >= nz:
+        return
+    thorax = (slice(None), slice(None), slice(k0, nz))
+    z_thorax = canvas.z_mm[k0:][None, None, :]
+    dome = scene.diaphragm_z[:, :, None]
+    # posterior/middle mediastinum (fat around the aorta, oesophagus and spine)
+    y_med = frame.y_vertebra + 22 * frame.scale_y
+    mediastinum = (canvas.x_mm[:, None] / (38 * frame.scale_x)) ** 2 + (
+        (canvas.y_mm[None, :] - y_med) / (52 * frame.scale_y)
+    ) ** 2 <= 1
+    free = scene.cavity[thorax] & ~canvas.protected[thorax]
+    canvas.paint(thorax, free & (z_thorax >= dome) & (z_thorax < dome + 5.0), tissue["muscle"], 8.0)
+    lung = free & (z_thorax >= dome + 5.0) & ~mediastinum[:, :, None]
+    canvas.paint(thorax, lung, tissue["lung"], 25.0)
+    _paint_pulmonary_vessels(scene, lung, k0)
 
-    # --- unlabeled vessels: SMA, SMV, iliac arteries, left renal vein ---------------------------
-    def vtube(axis, pts, r, value, warp=0.5, label=None, allowed=allowed_all, sd=8.0, min_semi=0.0):
-        pts = np.asarray(pts, dtype=np.float64)
-        order = np.argsort(pts[:, axis])
-        pts = pts[order]
-        o1, o2 = [a for a in range(3) if a != axis]
-        r = np.broadcast_to(np.asarray(r, dtype=np.float64), (len(pts), 2))[order]
-        sl, q, _ = cv.tube(axis, pts[:, axis], pts[:, o1], pts[:, o2], r[:, 0], r[:, 1], warp=warp, min_semi=min_semi)
-        if sl is not None:
-            cv.paint(sl, q <= 1, value, sd, label=label, allowed=allowed)
-        return sl, q
 
-    vtube(2, [X(-4, 8, -95), X(-4, 22, -130), X(-2, 32, -180), X(0, 34, -240)], (4.0, 4.0), I["aorta"])
-    vtube(2, [X(11, 16, -105), X(12, 26, -140), X(12, 36, -180), X(14, 38, -240)], (5.5, 5.5), I["portal"])
-    bif = -190 * szs + u(-10, 10)
+def _paint_pulmonary_vessels(scene: _Scene, lung: np.ndarray, k0: int) -> None:
+    """20-39 unlabeled soft-tissue rods (radius 1.5-3.5 mm) at random lung voxels (``lung`` starts at slice k0)."""
+    canvas, rng = scene.canvas, scene.bowel_rng
+    lung_idx = np.flatnonzero(lung)
+    if not lung_idx.size:
+        return
+    for flat in lung_idx[rng.integers(0, lung_idx.size, int(rng.integers(20, 40)))]:
+        i, j, k = np.unravel_index(flat, lung.shape)
+        radius = rng.uniform(1.5, 3.5)
+        center = (canvas.x_mm[i], canvas.y_mm[j], canvas.z_mm[k0 + k])
+        box, level = canvas.ellipsoid(center, (radius, radius, 4 * radius), _rot(*rng.uniform(-60, 60, 3)), warp=0)
+        if box is not None:
+            canvas.paint(box, (level <= 1) & (canvas.hu[box] < -500), scene.tissue["heart"] - 40, 10.0)
+
+
+def paint_heart(scene: _Scene) -> None:
+    """The heart's inferior part, above the diaphragm."""
+    canvas, s_org = scene.canvas, scene.frame.scale_organ
+    semi = np.array([65, 50, 55]) * s_org * scene.uniform(0.9, 1.1)
+    box, level = canvas.ellipsoid(scene.frame.to_mm(-15, 35, 40), semi, _rot(0, 0, scene.uniform(-15, 15)), warp=0)
+    if box is not None:
+        inside = (level <= 1) & ~scene.below_diaphragm[box] & scene.cavity[box] & ~canvas.protected[box]
+        canvas.paint(box, inside, scene.tissue["heart"], 15.0)
+
+
+def map_free_cavity(scene: _Scene) -> None:
+    """Where organs (below the diaphragm) and vessels (anywhere) may be painted: cavity, not protected."""
+    scene.allowed_abdomen = scene.cavity & scene.below_diaphragm & ~scene.canvas.protected
+    scene.allowed_anywhere = scene.cavity & ~scene.canvas.protected
+
+
+def _paint_vessel(scene: _Scene, axis: int, points, radii, value, warp=0.5, allowed=None, only_label=None) -> None:
+    """A tube through ``points`` (mm, sorted along ``axis``) with radii (mm; one pair or one per point)."""
+    points = np.asarray(points, dtype=np.float64)
+    order = np.argsort(points[:, axis])
+    points = points[order]
+    o1, o2 = _other_axes(axis)
+    radii = np.broadcast_to(np.asarray(radii, dtype=np.float64), (len(points), 2))[order]
+    box, level, _ = scene.canvas.tube(
+        axis, points[:, axis], points[:, o1], points[:, o2], radii[:, 0], radii[:, 1], warp=warp
+    )
+    if box is not None:
+        scene.canvas.paint(box, level <= 1, value, 8.0, allowed=allowed, only_label=only_label)
+
+
+def paint_abdominal_vessels(scene: _Scene) -> None:
+    """Unlabeled vessels: SMA, SMV, common iliac arteries (sets ``bifurcation_z``), left renal vein."""
+    to_mm, tissue, allowed = scene.frame.to_mm, scene.tissue, scene.allowed_anywhere
+    sma = [to_mm(-4, 8, -95), to_mm(-4, 22, -130), to_mm(-2, 32, -180), to_mm(0, 34, -240)]
+    _paint_vessel(scene, 2, sma, (4.0, 4.0), tissue["aorta"], allowed=allowed)
+    smv = [to_mm(11, 16, -105), to_mm(12, 26, -140), to_mm(12, 36, -180), to_mm(14, 38, -240)]
+    _paint_vessel(scene, 2, smv, (5.5, 5.5), tissue["portal"], allowed=allowed)
+    szs = scene.frame.scale_z
+    bif = -190 * szs + scene.uniform(-10, 10)
+    scene.bifurcation_z = bif
     for side in (1, -1):
-        vtube(2, [X(side * 8, 2, bif / szs + 5), X(side * 25, -2, bif / szs - 30), X(side * 48, -10, bif / szs - 80)],
-              (6.0, 6.0), I["aorta"])
-    vtube(0, [X(-48, -20, -124), X(-12, 10, -120), X(22, -2, -118)], (5.0, 4.0), I["ivc_hi"])
+        z_t = bif / szs  # template height of the bifurcation
+        iliac = [to_mm(side * 8, 2, z_t + 5), to_mm(side * 25, -2, z_t - 30), to_mm(side * 48, -10, z_t - 80)]
+        _paint_vessel(scene, 2, iliac, (6.0, 6.0), tissue["aorta"], allowed=allowed)
+    renal_vein = [to_mm(-48, -20, -124), to_mm(-12, 10, -120), to_mm(22, -2, -118)]
+    _paint_vessel(scene, 0, renal_vein, (5.0, 4.0), tissue["ivc_hi"], allowed=allowed)
 
-    # --- labeled organs ---------------------------------------------------------------------------
-    def J(scale=1.0):  # position jitter (mm) for a group
-        return np.array([n(0, 5.0 * scale), n(0, 5.0 * scale), n(0, 8.0 * scale)])
 
-    g_liver, g_luq, g_rk, g_lk, g_pan = J(), J(), J(), J(), J()
-    sz_j = {k: u(0.85, 1.15) * s_org for k in range(1, 14)}
+# the unlabeled anatomy, in painting order (later structures overwrite earlier ones where allowed)
+_STRUCTURE_PAINTERS: tuple[Callable[[_Scene], None], ...] = (
+    paint_body,
+    paint_table,
+    map_diaphragm,
+    paint_colon,
+    paint_small_bowel,
+    map_spine,
+    paint_back_muscles,
+    paint_vertebrae,
+    paint_ribs,
+    paint_pelvis,
+    paint_lungs,
+    paint_heart,
+    map_free_cavity,
+    paint_abdominal_vessels,
+)
 
-    def ax3(v):
-        return np.asarray(v, dtype=np.float64) * u(0.95, 1.05, size=3)
 
-    painters: dict[int, Callable[[float, bool], None]] = {}
-    MS = _MIN_SEMI_VOX
+# ----------------------------------------------------------------------------------------------
+# labeled organs: a sampler draws each organ's shape (geometry stream, in _ORGAN_PAINTERS order), a painter
+# draws it at a given scale; ``force`` ignores the anatomical clipping (used when an organ came out too small)
+# ----------------------------------------------------------------------------------------------
+_OrganShape = dict  # the sampled shape of one organ (centres / points / semi-axes in mm)
 
-    # 6 liver: right lobe + left lobe, below the diaphragm; hepatic veins inside (still label 6)
-    liv_c = np.array(X(70, 5, -60)) + g_liver
-    liv_s = ax3([75, 95, 80]) * sz_j[6]
-    liv_R = _rot(u(-6, 6), u(-6, 6), u(-8, 8))
-    ll_c = np.array(X(-5, 55, -30)) + g_liver + J(0.4)
-    ll_s = ax3([62, 30, 42]) * sz_j[6]
-    ll_R = _rot(u(-8, 8), u(-10, 10), u(-15, 15))
-    hv = [
-        (0, [(22, 0, -12), (55, 5, -30), (90, 15, -45)]),
-        (1, [(25, 2, -14), (35, 30, -35), (40, 60, -55)]),
-        (0, [(-20, 40, -35), (5, 20, -25), (18, 4, -14)]),
-        (0, [(30, 10, -95), (60, 18, -85), (85, 25, -80)]),
-    ]
+# hepatic veins: (tube axis, template points) for the right, middle, left and an inferior right branch
+_HEPATIC_VEINS = (
+    (0, [(22, 0, -12), (55, 5, -30), (90, 15, -45)]),
+    (1, [(25, 2, -14), (35, 30, -35), (40, 60, -55)]),
+    (0, [(-20, 40, -35), (5, 20, -25), (18, 4, -14)]),
+    (0, [(30, 10, -95), (60, 18, -85), (85, 25, -80)]),
+)
 
-    # hepatic veins: vessel HU inside the liver, label stays 6
-    def paint_hepatic_veins():
-        for axis, pts in hv:
-            pts = np.asarray([np.array(X(*pt)) + g_liver for pt in pts])
-            order = np.argsort(pts[:, axis])
-            pts = pts[order]
-            o1, o2 = [a for a in range(3) if a != axis]
-            rv = 4.5 * s_org
-            sl, q, _ = cv.tube(axis, pts[:, axis], pts[:, o1], pts[:, o2], [rv] * 3, [rv] * 3, warp=1.0)
-            if sl is not None:
-                cv.paint(sl, q <= 1, I["ivc_hi"] - 5, 8.0, only_label=6)
 
-    def paint_liver(scale=1.0, force=False):
-        al = None if force else allowed_abd
-        for c, s, R, p_ in ((liv_c, liv_s, liv_R, 2.4), (ll_c, ll_s, ll_R, 2.0)):
-            sl, q = cv.ellipsoid(c, s * scale, R, p=p_, warp=1.0, min_semi=MS)
-            cv.paint(sl, q <= 1, I["liver"], 8.0, label=6, allowed=al)
+def _sample_organ_priors(scene: _Scene) -> None:
+    """Group position jitters (organs of a group move together) and per-organ size factors."""
+    for group in ("liver", "left upper quadrant", "right kidney", "left kidney", "pancreas"):
+        scene.group_shift[group] = scene.jitter()
+    scene.size_factor = {k: scene.uniform(0.85, 1.15) * scene.frame.scale_organ for k in range(1, 14)}
 
-    painters[6] = paint_liver
 
-    # 1 spleen: long axis tangent to the posterolateral wall
-    sp_c = np.array(X(-90, -38, -55)) + g_luq + J(0.4)
-    nrm = np.array([sp_c[0] / cav_A**2, sp_c[1] / cav_post**2])
-    nrm /= np.linalg.norm(nrm) + 1e-9
-    sp_R = _rot(0, 0, math.degrees(math.atan2(nrm[1], nrm[0]))) @ _rot(u(-15, 15), u(-10, 10), 0)
-    sp_s = ax3([24, 52, 50]) * sz_j[1]
+def _organ_allowed(scene: _Scene, force: bool, anywhere: bool = False) -> np.ndarray | None:
+    if force:
+        return None
+    return scene.allowed_anywhere if anywhere else scene.allowed_abdomen
 
-    def paint_spleen(scale=1.0, force=False):
-        sl, q = cv.ellipsoid(sp_c, sp_s * scale, sp_R, p=2.2, warp=1.0, min_semi=MS)
-        cv.paint(sl, q <= 1, I["spleen"], 8.0, label=1, allowed=None if force else allowed_abd)
 
-    painters[1] = paint_spleen
+def _sample_liver(scene: _Scene) -> _OrganShape:
+    u, shift, size = scene.uniform, scene.group_shift["liver"], scene.size_factor[6]
+    right_center = scene.point(70, 5, -60) + shift
+    right_semi = scene.jitter_axes([75, 95, 80]) * size
+    right_rot = _rot(u(-6, 6), u(-6, 6), u(-8, 8))
+    left_center = scene.point(-5, 55, -30) + shift + scene.jitter(0.4)
+    left_semi = scene.jitter_axes([62, 30, 42]) * size
+    left_rot = _rot(u(-8, 8), u(-10, 10), u(-15, 15))
+    return {"lobes": ((right_center, right_semi, right_rot, 2.4), (left_center, left_semi, left_rot, 2.0))}
 
-    # 7 stomach: fundus/body along z + antrum along x; wall, fluid contents, anterior gas cap
-    st_off = g_luq + J(0.5)
-    ss7 = sz_j[7]
-    st1 = np.array([X(-45, -15, 8), X(-50, -5, -20), X(-52, 15, -50), X(-48, 30, -80), X(-36, 42, -106)]) + st_off
-    st1_r = np.array([[26, 26], [38, 38], [35, 32], [30, 26], [24, 22]]) * ss7
-    st2 = np.array([X(-46, 40, -100), X(-20, 48, -108), X(10, 50, -110), X(35, 40, -100)]) + st_off
-    st2_r = np.array([[22, 22], [20, 20], [16, 15], [9, 9]]) * ss7
+
+def paint_liver(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """6 liver: right lobe + left lobe (superellipsoids), below the diaphragm."""
+    allowed = _organ_allowed(scene, force)
+    for center, semi, rot, power in shape["lobes"]:
+        box, level = scene.canvas.ellipsoid(center, semi * scale, rot, power=power, warp=1.0, min_semi=_MIN_SEMI_VOX)
+        scene.canvas.paint(box, level <= 1, scene.tissue["liver"], 8.0, label=6, allowed=allowed)
+
+
+def paint_hepatic_veins(scene: _Scene) -> None:
+    """Hepatic veins: vessel HU inside the liver; the label stays 6 (painted once, after the liver)."""
+    shift, radius = scene.group_shift["liver"], 4.5 * scene.frame.scale_organ
+    for axis, template_points in _HEPATIC_VEINS:
+        points = np.asarray([scene.point(*pt) + shift for pt in template_points])
+        _paint_vessel(scene, axis, points, radius, scene.tissue["ivc_hi"] - 5, warp=1.0, only_label=6)
+
+
+def _sample_spleen(scene: _Scene) -> _OrganShape:
+    u, frame = scene.uniform, scene.frame
+    center = scene.point(-90, -38, -55) + scene.group_shift["left upper quadrant"] + scene.jitter(0.4)
+    normal = np.array([center[0] / frame.cavity_half_width**2, center[1] / frame.cavity_post**2])
+    normal /= np.linalg.norm(normal) + 1e-9
+    rot = _rot(0, 0, math.degrees(math.atan2(normal[1], normal[0]))) @ _rot(u(-15, 15), u(-10, 10), 0)
+    return {"center": center, "rot": rot, "semi": scene.jitter_axes([24, 52, 50]) * scene.size_factor[1]}
+
+
+def paint_spleen(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """1 spleen: long axis tangent to the posterolateral wall."""
+    box, level = scene.canvas.ellipsoid(
+        shape["center"], shape["semi"] * scale, shape["rot"], power=2.2, warp=1.0, min_semi=_MIN_SEMI_VOX
+    )
+    scene.canvas.paint(box, level <= 1, scene.tissue["spleen"], 8.0, label=1, allowed=_organ_allowed(scene, force))
+
+
+def _sample_stomach(scene: _Scene) -> _OrganShape:
+    u, p, size = scene.uniform, scene.frame.to_mm, scene.size_factor[7]
+    offset = scene.group_shift["left upper quadrant"] + scene.jitter(0.5)
+    scene.stomach_shift = offset
+    body = np.array([p(-45, -15, 8), p(-50, -5, -20), p(-52, 15, -50), p(-48, 30, -80), p(-36, 42, -106)]) + offset
+    body_r = np.array([[26, 26], [38, 38], [35, 32], [30, 26], [24, 22]]) * size
+    antrum = np.array([p(-46, 40, -100), p(-20, 48, -108), p(10, 50, -110), p(35, 40, -100)]) + offset
+    antrum_r = np.array([[22, 22], [20, 20], [16, 15], [9, 9]]) * size
     gas_depth = u(6, 25) if u() < 0.85 else 0.0
-    sto_content = I["sto_content"]
+    return {"parts": ((2, body, body_r), (0, antrum, antrum_r)), "gas_depth": gas_depth}
 
-    def paint_stomach(scale=1.0, force=False):
-        al = None if force else allowed_abd
-        lum_y = []
-        parts = []
-        for axis, pts, rr in ((2, st1, st1_r), (0, st2, st2_r)):
-            o1, o2 = [a for a in range(3) if a != axis]
-            rr = rr * scale
-            sl, q, _ = cv.tube(axis, pts[:, axis], pts[:, o1], pts[:, o2], rr[:, 0], rr[:, 1], warp=1.0, min_semi=MS)
-            if sl is None:
-                continue
-            wf = (1 - 4.0 / float(rr.mean())) ** 2
-            cv.paint(sl, q <= 1, I["sto_wall"], 8.0, label=7, allowed=al)
-            cv.paint(sl, q <= wf, sto_content, 8.0, label=7, allowed=al)
-            parts.append((sl, q, wf))
-            ys = np.nonzero(np.broadcast_to(q <= wf, q.shape).any(axis=(0, 2)))[0]
-            if ys.size:
-                lum_y.append(float(cv.ya[sl[1]][ys].max()))
-        if gas_depth > 0 and lum_y:
-            ylev = max(lum_y) - gas_depth
-            for sl, q, wf in parts:
-                yy = cv.ya[sl[1]][None, :, None]
-                cv.paint(sl, (q <= wf) & (yy > ylev), -900.0, 25.0, label=7, allowed=al)
 
-    painters[7] = paint_stomach
+def paint_stomach(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """7 stomach: fundus/body along z + antrum along x; wall, fluid contents, anterior gas cap."""
+    canvas, tissue, allowed = scene.canvas, scene.tissue, _organ_allowed(scene, force)
+    lumen_tops, parts = [], []
+    for axis, points, radii in shape["parts"]:
+        o1, o2 = _other_axes(axis)
+        radii = radii * scale
+        box, level, _ = canvas.tube(
+            axis, points[:, axis], points[:, o1], points[:, o2], radii[:, 0], radii[:, 1],
+            warp=1.0, min_semi=_MIN_SEMI_VOX,
+        )
+        if box is None:
+            continue
+        lumen_level = (1 - 4.0 / float(radii.mean())) ** 2
+        canvas.paint(box, level <= 1, tissue["sto_wall"], 8.0, label=7, allowed=allowed)
+        canvas.paint(box, level <= lumen_level, tissue["sto_content"], 8.0, label=7, allowed=allowed)
+        parts.append((box, level, lumen_level))
+        ys = np.nonzero(np.broadcast_to(level <= lumen_level, level.shape).any(axis=(0, 2)))[0]
+        if ys.size:
+            lumen_tops.append(float(canvas.y_mm[box[1]][ys].max()))
+    if shape["gas_depth"] > 0 and lumen_tops:
+        y_level = max(lumen_tops) - shape["gas_depth"]
+        for box, level, lumen_level in parts:
+            y_box = canvas.y_mm[box[1]][None, :, None]
+            canvas.paint(box, (level <= lumen_level) & (y_box > y_level), -900.0, 25.0, label=7, allowed=allowed)
 
-    # 2 / 3 kidneys: cortex, medulla, sinus
-    def kidney(label, side, c_t, g):
-        c = np.array(X(*c_t)) + g + J(0.3)
-        s = ax3([28, 22, 55]) * sz_j[label]
-        R = _rot(u(5, 15), side * -u(8, 16), side * -u(20, 40))
-        hil = c + R @ np.array([-side * 0.55 * s[0], 0, 0])
-        ctx, med, sin_ = I["cortex"] + u(-5, 5), I["medulla"] + u(-5, 5), I["sinus"]
 
-        def paint(scale=1.0, force=False):
-            al = None if force else allowed_abd
-            sl, q = cv.ellipsoid(c, s * scale, R, warp=0.5, min_semi=MS)
-            cv.paint(sl, q <= 1, ctx, 8.0, label=label, allowed=al)
-            cv.paint(sl, q <= 0.5, med, 8.0, label=label, allowed=al)
-            sl2, q2 = cv.ellipsoid(hil, s * scale * np.array([0.4, 0.35, 0.4]), R, warp=0.5)
-            cv.paint(sl2, q2 <= 1, sin_, 10.0, only_label=label)
+def _sample_kidney(scene: _Scene, label: int, side: int, center_t: tuple, group: str) -> _OrganShape:
+    u, tissue = scene.uniform, scene.tissue
+    center = scene.point(*center_t) + scene.group_shift[group] + scene.jitter(0.3)
+    semi = scene.jitter_axes([28, 22, 55]) * scene.size_factor[label]
+    rot = _rot(u(5, 15), side * -u(8, 16), side * -u(20, 40))
+    hilum = center + rot @ np.array([-side * 0.55 * semi[0], 0, 0])
+    cortex, medulla = tissue["cortex"] + u(-5, 5), tissue["medulla"] + u(-5, 5)
+    return {"label": label, "center": center, "semi": semi, "rot": rot, "hilum": hilum, "hu": (cortex, medulla)}
 
-        return paint
 
-    painters[2] = kidney(2, 1, (70, -38, -145), g_rk)
-    painters[3] = kidney(3, -1, (-70, -35, -130), g_lk)
+def paint_kidney(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """2 / 3 kidneys: cortex, medulla (inner half) and the renal sinus fat at the hilum."""
+    canvas, label, allowed = scene.canvas, shape["label"], _organ_allowed(scene, force)
+    cortex, medulla = shape["hu"]
+    semi = shape["semi"] * scale
+    box, level = canvas.ellipsoid(shape["center"], semi, shape["rot"], warp=0.5, min_semi=_MIN_SEMI_VOX)
+    canvas.paint(box, level <= 1, cortex, 8.0, label=label, allowed=allowed)
+    canvas.paint(box, level <= 0.5, medulla, 8.0, label=label, allowed=allowed)
+    sinus_semi = shape["semi"] * scale * np.array([0.4, 0.35, 0.4])
+    box, level = canvas.ellipsoid(shape["hilum"], sinus_semi, shape["rot"], warp=0.5)
+    canvas.paint(box, level <= 1, scene.tissue["sinus"], 10.0, only_label=label)
 
-    # 11 pancreas: head (right) -> tail (splenic hilum), anterior to the aorta and splenic vein
-    pan_pts = np.array(
-        [X(46, 12, -124), X(30, 16, -116), X(8, 24, -104), X(-20, 20, -100), X(-50, 4, -94), X(-78, -18, -84)]
-    ) + g_pan
-    pan_r = np.array([[10, 12], [16, 20], [9, 11], [11, 11], [10, 10], [7, 8]]) * sz_j[11]
-    pan_r[0] = pan_r[0] * 0.6
 
-    def paint_pancreas(scale=1.0, force=False):
-        rr = pan_r * scale
-        sl, q, _ = cv.tube(0, pan_pts[:, 0], pan_pts[:, 1], pan_pts[:, 2], rr[:, 0], rr[:, 1], warp=1.0, min_semi=MS)
-        cv.paint(sl, q <= 1, I["pancreas"], 14.0, label=11, allowed=None if force else allowed_abd)
+def _sample_pancreas(scene: _Scene) -> _OrganShape:
+    p = scene.frame.to_mm
+    points = np.array(
+        [p(46, 12, -124), p(30, 16, -116), p(8, 24, -104), p(-20, 20, -100), p(-50, 4, -94), p(-78, -18, -84)]
+    ) + scene.group_shift["pancreas"]
+    radii = np.array([[10, 12], [16, 20], [9, 11], [11, 11], [10, 10], [7, 8]]) * scene.size_factor[11]
+    radii[0] = radii[0] * 0.6
+    return {"points": points, "radii": radii}
 
-    painters[11] = paint_pancreas
 
-    # 4 gallbladder: at the inferior surface of the liver, fundus anterior-inferior
-    gb_c = np.array(X(45, 55, -118)) + g_liver + J(0.4)
-    gb_s = ax3([15, 16, 32]) * sz_j[4]
-    gb_R = _rot(u(25, 45), u(-10, 10), u(-25, 25))
+def paint_pancreas(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """11 pancreas: head (right) -> tail (splenic hilum), anterior to the aorta and splenic vein."""
+    points, radii = shape["points"], shape["radii"] * scale
+    box, level, _ = scene.canvas.tube(
+        0, points[:, 0], points[:, 1], points[:, 2], radii[:, 0], radii[:, 1], warp=1.0, min_semi=_MIN_SEMI_VOX
+    )
+    scene.canvas.paint(box, level <= 1, scene.tissue["pancreas"], 14.0, label=11, allowed=_organ_allowed(scene, force))
 
-    def paint_gall(scale=1.0, force=False):
-        sl, q = cv.ellipsoid(gb_c, gb_s * scale, gb_R, p=2.0, warp=1.0, min_semi=MS)
-        cv.paint(sl, q <= 1, I["gall"], 6.0, label=4, allowed=None if force else allowed_abd)
 
-    painters[4] = paint_gall
+def _sample_gallbladder(scene: _Scene) -> _OrganShape:
+    u = scene.uniform
+    center = scene.point(45, 55, -118) + scene.group_shift["liver"] + scene.jitter(0.4)
+    semi = scene.jitter_axes([15, 16, 32]) * scene.size_factor[4]
+    return {"center": center, "semi": semi, "rot": _rot(u(25, 45), u(-10, 10), u(-25, 25))}
 
-    # 10 portal + splenic vein: liver hilum -> confluence behind the pancreatic neck -> splenic hilum
-    pv_pts = np.array(
-        [X(52, 6, -82), X(28, 8, -94), X(6, 10, -104), X(-22, 7, -100), X(-55, -8, -92), X(-86, -30, -80)]
-    ) + (g_pan + g_liver) / 2
-    pv_r = np.array([6.5, 7.0, 7.0, 5.0, 4.5, 4.0]) * (sz_j[10] ** 0.5) * s_org**0.5
 
-    def paint_veins(scale=1.0, force=False):
-        rr = pv_r * scale
-        sl, q, _ = cv.tube(0, pv_pts[:, 0], pv_pts[:, 1], pv_pts[:, 2], rr, rr, warp=1.0, min_semi=MS)
-        cv.paint(sl, q <= 1, I["portal"], 8.0, label=10, allowed=None if force else allowed_all)
+def paint_gallbladder(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """4 gallbladder: at the inferior surface of the liver, fundus anterior-inferior."""
+    box, level = scene.canvas.ellipsoid(
+        shape["center"], shape["semi"] * scale, shape["rot"], power=2.0, warp=1.0, min_semi=_MIN_SEMI_VOX
+    )
+    scene.canvas.paint(box, level <= 1, scene.tissue["gall"], 6.0, label=4, allowed=_organ_allowed(scene, force))
 
-    painters[10] = paint_veins
 
-    # 9 IVC: right of the aorta, flattened, into the liver's bare area; brighter above the renal veins
-    iv_pts = np.array([X(22, -5, -260), X(24, -3, -150), X(26, 0, -100), X(26, 2, -60), X(20, 5, -20), X(15, 5, 6)])
-    iv_pts += np.array([n(0, 2), n(0, 2), 0])
-    iv_r = np.array([[13, 9], [13, 9], [14, 10], [13, 11], [12, 11], [8, 8]]) * u(0.9, 1.1) * s_org**0.5
-    ivc_val = np.where(za < -120 * szs, I["ivc_lo"], I["ivc_hi"]).astype(np.float32)[None, None, :]
+def _sample_portal_veins(scene: _Scene) -> _OrganShape:
+    p = scene.frame.to_mm
+    points = np.array(
+        [p(52, 6, -82), p(28, 8, -94), p(6, 10, -104), p(-22, 7, -100), p(-55, -8, -92), p(-86, -30, -80)]
+    ) + (scene.group_shift["pancreas"] + scene.group_shift["liver"]) / 2
+    radii = np.array([6.5, 7.0, 7.0, 5.0, 4.5, 4.0]) * (scene.size_factor[10] ** 0.5) * scene.frame.scale_organ**0.5
+    return {"points": points, "radii": radii}
 
-    def paint_ivc(scale=1.0, force=False):
-        rr = iv_r * scale
-        sl, q, _ = cv.tube(2, iv_pts[:, 2], iv_pts[:, 0], iv_pts[:, 1], rr[:, 0], rr[:, 1], warp=0.3, min_semi=MS)
-        if sl is not None:
-            cv.paint(sl, q <= 1, ivc_val[:, :, sl[2]], 8.0, label=9, allowed=None if force else allowed_all)
 
-    painters[9] = paint_ivc
+def paint_portal_veins(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """10 portal + splenic vein: liver hilum -> confluence behind the pancreatic neck -> splenic hilum."""
+    points, radii = shape["points"], shape["radii"] * scale
+    box, level, _ = scene.canvas.tube(
+        0, points[:, 0], points[:, 1], points[:, 2], radii, radii, warp=1.0, min_semi=_MIN_SEMI_VOX
+    )
+    allowed = _organ_allowed(scene, force, anywhere=True)
+    scene.canvas.paint(box, level <= 1, scene.tissue["portal"], 8.0, label=10, allowed=allowed)
 
-    # 8 aorta: descending, left anterolateral to the spine, ends at the bifurcation
-    ao_pts = np.array([X(-30, -15, 120), X(-28, -14, 40), X(-20, -8, -20), X(-14, -2, -60), X(-11, 0, -120)])
-    ao_pts = np.vstack([ao_pts, [X(-10, 2, -165)], [(X(-10, 2, 0)[0], X(-10, 2, 0)[1], bif)]])
-    ao_pts += np.array([n(0, 2), n(0, 2), 0])
-    ao_r = np.array([12, 12, 11.5, 11, 10, 9, 7]) * u(0.9, 1.1) * s_org**0.5
 
-    def paint_aorta(scale=1.0, force=False):
-        rr = ao_r * scale
-        order = np.argsort(ao_pts[:, 2])
-        p_ = ao_pts[order]
-        sl, q, _ = cv.tube(2, p_[:, 2], p_[:, 0], p_[:, 1], rr[order], rr[order], warp=0.3, min_semi=MS)
-        cv.paint(sl, q <= 1, I["aorta"], 8.0, label=8, allowed=None if force else allowed_all)
+def _sample_ivc(scene: _Scene) -> _OrganShape:
+    p, n = scene.frame.to_mm, scene.normal
+    points = np.array([p(22, -5, -260), p(24, -3, -150), p(26, 0, -100), p(26, 2, -60), p(20, 5, -20), p(15, 5, 6)])
+    points += np.array([n(0, 2), n(0, 2), 0])
+    radii = np.array([[13, 9], [13, 9], [14, 10], [13, 11], [12, 11], [8, 8]]) * scene.uniform(0.9, 1.1)
+    radii = radii * scene.frame.scale_organ**0.5
+    # brighter above the renal veins (mixing with enhanced renal return)
+    below_renal = scene.canvas.z_mm < -120 * scene.frame.scale_z
+    hu = np.where(below_renal, scene.tissue["ivc_lo"], scene.tissue["ivc_hi"]).astype(np.float32)[None, None, :]
+    return {"points": points, "radii": radii, "hu": hu}
 
-    painters[8] = paint_aorta
 
-    # 5 esophagus: mediastinum -> gastro-oesophageal junction; sometimes a small air lumen
-    es_pts = np.array([X(-36, 12, -34), X(-25, 10, -20), X(-15, 5, 0), X(-8, 0, 40), X(-5, -2, 130)]) + np.array(
+def paint_ivc(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """9 IVC: right of the aorta, flattened, into the liver's bare area; brighter above the renal veins."""
+    points, radii = shape["points"], shape["radii"] * scale
+    box, level, _ = scene.canvas.tube(
+        2, points[:, 2], points[:, 0], points[:, 1], radii[:, 0], radii[:, 1], warp=0.3, min_semi=_MIN_SEMI_VOX
+    )
+    if box is not None:
+        allowed = _organ_allowed(scene, force, anywhere=True)
+        scene.canvas.paint(box, level <= 1, shape["hu"][:, :, box[2]], 8.0, label=9, allowed=allowed)
+
+
+def _sample_aorta(scene: _Scene) -> _OrganShape:
+    p, n = scene.frame.to_mm, scene.normal
+    points = np.array([p(-30, -15, 120), p(-28, -14, 40), p(-20, -8, -20), p(-14, -2, -60), p(-11, 0, -120)])
+    bifurcation = (p(-10, 2, 0)[0], p(-10, 2, 0)[1], scene.bifurcation_z)
+    points = np.vstack([points, [p(-10, 2, -165)], [bifurcation]])
+    points += np.array([n(0, 2), n(0, 2), 0])
+    radii = np.array([12, 12, 11.5, 11, 10, 9, 7]) * scene.uniform(0.9, 1.1) * scene.frame.scale_organ**0.5
+    return {"points": points, "radii": radii}
+
+
+def paint_aorta(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """8 aorta: descending, left anterolateral to the spine, ends at the bifurcation."""
+    radii = shape["radii"] * scale
+    order = np.argsort(shape["points"][:, 2])
+    points, radii = shape["points"][order], radii[order]
+    box, level, _ = scene.canvas.tube(
+        2, points[:, 2], points[:, 0], points[:, 1], radii, radii, warp=0.3, min_semi=_MIN_SEMI_VOX
+    )
+    allowed = _organ_allowed(scene, force, anywhere=True)
+    scene.canvas.paint(box, level <= 1, scene.tissue["aorta"], 8.0, label=8, allowed=allowed)
+
+
+def _sample_esophagus(scene: _Scene) -> _OrganShape:
+    p, n, u, follow = scene.frame.to_mm, scene.normal, scene.uniform, scene.stomach_shift
+    points = np.array([p(-36, 12, -34), p(-25, 10, -20), p(-15, 5, 0), p(-8, 0, 40), p(-5, -2, 130)]) + np.array(
         [n(0, 2), n(0, 2), 0]
-    ) + np.array([st_off[0] * 0.5, st_off[1] * 0.5, 0])
-    es_r = np.array([[6, 6], [8, 7], [9, 7], [9, 7], [9, 7]]) * u(0.85, 1.15) * s_org**0.5
-    es_air = u() < 0.4
+    ) + np.array([follow[0] * 0.5, follow[1] * 0.5, 0])
+    radii = np.array([[6, 6], [8, 7], [9, 7], [9, 7], [9, 7]]) * u(0.85, 1.15) * scene.frame.scale_organ**0.5
+    return {"points": points, "radii": radii, "air": u() < 0.4}
 
-    def paint_eso(scale=1.0, force=False):
-        rr = es_r * scale
-        sl, q, _ = cv.tube(2, es_pts[:, 2], es_pts[:, 0], es_pts[:, 1], rr[:, 0], rr[:, 1], warp=0.3, min_semi=MS)
-        al = None if force else allowed_all
-        cv.paint(sl, q <= 1, I["eso"], 8.0, label=5, allowed=al)
-        if es_air and sl is not None:
-            cv.paint(sl, q <= (2.5 / float(rr.mean())) ** 2, -900.0, 30.0, label=5, allowed=al)
 
-    painters[5] = paint_eso
+def paint_esophagus(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """5 esophagus: mediastinum -> gastro-oesophageal junction (follows the stomach); sometimes an air lumen."""
+    points, radii = shape["points"], shape["radii"] * scale
+    box, level, _ = scene.canvas.tube(
+        2, points[:, 2], points[:, 0], points[:, 1], radii[:, 0], radii[:, 1], warp=0.3, min_semi=_MIN_SEMI_VOX
+    )
+    allowed = _organ_allowed(scene, force, anywhere=True)
+    scene.canvas.paint(box, level <= 1, scene.tissue["eso"], 8.0, label=5, allowed=allowed)
+    if shape["air"] and box is not None:
+        air = level <= (2.5 / float(radii.mean())) ** 2
+        scene.canvas.paint(box, air, -900.0, 30.0, label=5, allowed=allowed)
 
-    # 12 / 13 adrenals: thin plates superomedial to the kidneys (right one behind the IVC)
-    def adrenal(label, c_t, g, ang):
-        c = np.array(X(*c_t)) + g + J(0.3)
-        s = ax3([4, 16, 15]) * sz_j[label]
-        R = _rot(u(-10, 10), u(-10, 10), ang)
 
-        def paint(scale=1.0, force=False):
-            sl, q = cv.ellipsoid(c, s * scale, R, warp=0.5, min_semi=MS)
-            cv.paint(sl, q <= 1, I["adrenal"], 8.0, label=label, allowed=None if force else allowed_abd)
+def _sample_adrenal(scene: _Scene, label: int, center_t: tuple, group: str, angle_range: tuple) -> _OrganShape:
+    u = scene.uniform
+    angle = u(*angle_range)
+    center = scene.point(*center_t) + scene.group_shift[group] + scene.jitter(0.3)
+    semi = scene.jitter_axes([4, 16, 15]) * scene.size_factor[label]
+    return {"label": label, "center": center, "semi": semi, "rot": _rot(u(-10, 10), u(-10, 10), angle)}
 
-        return paint
 
-    painters[12] = adrenal(12, (33, -20, -84), g_rk, u(50, 80))
-    painters[13] = adrenal(13, (-35, -18, -80), g_lk, u(100, 130))
+def paint_adrenal(scene: _Scene, shape: _OrganShape, scale: float = 1.0, force: bool = False) -> None:
+    """12 / 13 adrenals: thin plates superomedial to the kidneys (the right one behind the IVC)."""
+    semi = shape["semi"] * scale
+    box, level = scene.canvas.ellipsoid(shape["center"], semi, shape["rot"], warp=0.5, min_semi=_MIN_SEMI_VOX)
+    allowed = _organ_allowed(scene, force)
+    scene.canvas.paint(box, level <= 1, scene.tissue["adrenal"], 8.0, label=shape["label"], allowed=allowed)
 
-    order = (6, 1, 7, 2, 3, 11, 4, 10, 9, 8, 5, 12, 13)
-    for lbl in order:
-        painters[lbl](1.0, False)
-        if lbl == 6:
-            paint_hepatic_veins()
 
-    # every organ must be present: enlarge (then ignore the anatomical clipping) if needed
-    tries = dict.fromkeys(order, 0)
+@dataclass(frozen=True)
+class _OrganPainter:
+    """One labeled organ: ``sample(scene) -> shape`` draws its shape, ``paint(scene, shape, scale, force)``
+    draws it; ``then(scene)`` (optional) runs once after its first painting."""
+
+    label: int
+    sample: Callable[[_Scene], _OrganShape]
+    paint: Callable[[_Scene, _OrganShape, float, bool], None]
+    then: Callable[[_Scene], None] | None = None
+
+
+def _kidney(label: int, side: int, center_t: tuple, group: str) -> _OrganPainter:
+    """Kidney ``label`` on ``side`` (+1 right, -1 left) at template centre ``center_t``, moving with ``group``."""
+    sample = partial(_sample_kidney, label=label, side=side, center_t=center_t, group=group)
+    return _OrganPainter(label, sample, paint_kidney)
+
+
+def _adrenal(label: int, center_t: tuple, group: str, angle_range: tuple) -> _OrganPainter:
+    """Adrenal ``label`` at template centre ``center_t``, in-plane angle drawn from ``angle_range`` (degrees)."""
+    sample = partial(_sample_adrenal, label=label, center_t=center_t, group=group, angle_range=angle_range)
+    return _OrganPainter(label, sample, paint_adrenal)
+
+
+# Sampled in this order, then painted in this order (later organs overwrite earlier ones).
+_ORGAN_PAINTERS: tuple[_OrganPainter, ...] = (
+    _OrganPainter(6, _sample_liver, paint_liver, then=paint_hepatic_veins),
+    _OrganPainter(1, _sample_spleen, paint_spleen),
+    _OrganPainter(7, _sample_stomach, paint_stomach),
+    _kidney(2, 1, (70, -38, -145), "right kidney"),
+    _kidney(3, -1, (-70, -35, -130), "left kidney"),
+    _OrganPainter(11, _sample_pancreas, paint_pancreas),
+    _OrganPainter(4, _sample_gallbladder, paint_gallbladder),
+    _OrganPainter(10, _sample_portal_veins, paint_portal_veins),
+    _OrganPainter(9, _sample_ivc, paint_ivc),
+    _OrganPainter(8, _sample_aorta, paint_aorta),
+    _OrganPainter(5, _sample_esophagus, paint_esophagus),
+    _adrenal(12, (33, -20, -84), "right kidney", (50, 80)),
+    _adrenal(13, (-35, -18, -80), "left kidney", (100, 130)),
+)
+
+
+def _paint_organs(scene: _Scene) -> None:
+    """Sample and paint the 13 labeled organs, then enlarge any organ with fewer than ``_MIN_ORGAN_VOXELS``
+    voxels (by 1.3x per try; from the third try on ignoring the anatomical clipping)."""
+    _sample_organ_priors(scene)
+    shapes = {organ.label: organ.sample(scene) for organ in _ORGAN_PAINTERS}
+    for organ in _ORGAN_PAINTERS:
+        organ.paint(scene, shapes[organ.label], 1.0, False)
+        if organ.then is not None:
+            organ.then(scene)
+    tries = {organ.label: 0 for organ in _ORGAN_PAINTERS}
     for _ in range(6):
-        missing = [lbl for lbl in order if cv.label_count(lbl) < _MIN_ORGAN_VOXELS]
+        missing = [o for o in _ORGAN_PAINTERS if scene.canvas.label_count(o.label) < _MIN_ORGAN_VOXELS]
         if not missing:
             break
-        for lbl in missing:
-            tries[lbl] += 1
-            painters[lbl](1.3 ** tries[lbl], tries[lbl] >= 3)
+        for organ in missing:
+            tries[organ.label] += 1
+            organ.paint(scene, shapes[organ.label], 1.3 ** tries[organ.label], tries[organ.label] >= 3)
 
-    # --- image formation -----------------------------------------------------------------------
-    del body, wall, cavity, below, allowed_abd, allowed_all
-    cv.protected = None
+
+# ----------------------------------------------------------------------------------------------
+# image formation and the renderer
+# ----------------------------------------------------------------------------------------------
+def _form_image(scene: _Scene) -> np.ndarray:
+    """Blur the painted HU volume, add Gaussian noise, round and clip: int16 [X, Y, Z] (HU)."""
+    canvas, params = scene.canvas, scene.params
+    nx, ny, nz = canvas.shape
+    sx, sy, sz = params["vox"]
     # sigma 0.6-0.9 voxel (0.55-0.7 through-plane) up to 3 mm (5 mm) voxels; for coarser voxels it shrinks so
     # that the physical blur stays <= ~2.7 mm (4 mm) and thin structures are not washed out
-    sig_xy = P["blur"][0] * min(1.0, 3.0 / max(sx, sy))
-    sig_z = P["blur"][1] * min(1.0, 5.0 / sz)
-    img = cv.hu
-    ndimage.gaussian_filter(img, sigma=(sig_xy, sig_xy, sig_z), truncate=3.0, output=img)  # in place
-    sd = np.float32(P["noise_sd"])
+    sigma_xy = params["blur"][0] * min(1.0, 3.0 / max(sx, sy))
+    sigma_z = params["blur"][1] * min(1.0, 5.0 / sz)
+    img = canvas.hu
+    ndimage.gaussian_filter(img, sigma=(sigma_xy, sigma_xy, sigma_z), truncate=3.0, output=img)  # in place
+    noise_sd = np.float32(params["noise_sd"])
     rows = max(1, (1 << 20) // (ny * nz))  # add the noise in ~4 MB blocks of X rows
     buf = np.empty((rows, ny, nz), dtype=np.float32)
     for i0 in range(0, nx, rows):
-        b = buf[: min(rows, nx - i0)]
-        r_tex.standard_normal(dtype=np.float32, out=b)
-        b *= sd
-        img[i0 : i0 + rows] += b
+        block = buf[: min(rows, nx - i0)]
+        scene.texture_rng.standard_normal(dtype=np.float32, out=block)
+        block *= noise_sd
+        img[i0 : i0 + rows] += block
     np.rint(img, out=img)
     np.clip(img, -1024, 3071, out=img)
-    image = img.astype(np.int16)
-    cv.hu = None
+    return img.astype(np.int16)
 
-    # RAS+ affine, positive diagonal, plausible scanner origin
+
+def _scanner_affine(scene: _Scene) -> np.ndarray:
+    """RAS+ affine (4x4 float64, mm): positive diagonal, plausible scanner origin."""
+    nx, ny, _ = scene.canvas.shape
+    sx, sy, sz = scene.params["vox"]
     aff = np.diag([sx, sy, sz, 1.0]).astype(np.float64)
-    aff[0, 3] = -(nx - 1) / 2.0 * sx + u(-10, 10)
-    aff[1, 3] = -(ny - 1) / 2.0 * sy + u(-30, 30)
-    aff[2, 3] = -u(300, 700)
-    return image, cv.lab, aff
+    aff[0, 3] = -(nx - 1) / 2.0 * sx + scene.uniform(-10, 10)
+    aff[1, 3] = -(ny - 1) / 2.0 * sy + scene.uniform(-30, 30)
+    aff[2, 3] = -scene.uniform(300, 700)
+    return aff
+
+
+def _render(seed: int, shape, spacing, kind: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One subject: (image int16 HU [X,Y,Z], label uint8 [X,Y,Z], affine 4x4 float64)."""
+    scene = _new_scene(seed, shape, spacing, kind)
+    for paint in _STRUCTURE_PAINTERS:
+        paint(scene)
+    _paint_organs(scene)
+    # free the masks before image formation (large volumes)
+    scene.body = scene.wall = scene.cavity = scene.below_diaphragm = None
+    scene.allowed_abdomen = scene.allowed_anywhere = scene.spine = None
+    scene.canvas.protected = None
+    image = _form_image(scene)
+    scene.canvas.hu = None
+    return image, scene.canvas.labels, _scanner_affine(scene)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -925,30 +1351,21 @@ def _subject_seed(seed: int, stream: int, index: int) -> int:
 
 
 def _save_nifti_atomic(arr: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write a NIfTI volume (RAS affine in both qform and sform, mm) with ``ssl_utils.io``'s
+    atomic writer; ``.nii.gz`` paths are gzip-compressed (level 1, no timestamp: reproducible)."""
     img = nib.Nifti1Image(arr, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_data_dtype(arr.dtype)
     img.header.set_xyzt_units("mm", "sec")
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    data = img.to_bytes()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data, compresslevel=1, mtime=0)
+    atomic_write(path, lambda f: f.write(data), what="volume")
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, json.dumps(obj, indent=2) + "\n", what="datalist")
 
 
 def _make_one(task: tuple) -> str:
@@ -959,6 +1376,156 @@ def _make_one(task: tuple) -> str:
     if lab_path is not None:
         _save_nifti_atomic(label, affine, Path(lab_path))
     return img_path
+
+
+# ----------------------------------------------------------------------------------------------
+# the on-disk cohort
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _CohortLayout:
+    """Paths of one cohort under ``root`` (datalist entries are relative to ``tcia_root`` / ``btcv_root``)."""
+
+    root: Path
+    tcia_root: Path
+    btcv_root: Path
+    tcia_json: Path
+    btcv_json: dict[int, Path]  # N -> btcv/dataset_0_init_{N}.json
+    unlabeled: list[str]  # data/volume-synth-XXXX.nii.gz
+    labeled: list[dict[str, str]]  # {"image": imagesTr/..., "label": labelsTr/...}, training first
+
+    @property
+    def meta_path(self) -> Path:
+        return self.root / "cohort.json"
+
+    def all_files(self) -> list[Path]:
+        files = [self.tcia_json, *self.btcv_json.values(), *(self.tcia_root / p for p in self.unlabeled)]
+        return files + [self.btcv_root / e[k] for e in self.labeled for k in ("image", "label")]
+
+    def result(self, reused: bool) -> dict:
+        return {
+            "root": str(self.root),
+            "tcia_root": str(self.tcia_root),
+            "tcia_json": str(self.tcia_json),
+            "btcv_root": str(self.btcv_root),
+            "btcv_json": {N: str(p) for N, p in self.btcv_json.items()},
+            "reused": reused,
+        }
+
+
+def _cohort_params(
+    n_unlabeled, n_unlabeled_val, n_labeled_train, n_labeled_val, train_sizes, shape, spacing, seed
+) -> dict:
+    """Validated generation parameters, as written to ``cohort.json`` (raises ValueError)."""
+    sizes = sorted({int(s) for s in train_sizes})
+    if n_unlabeled < 1 or not 0 <= n_unlabeled_val < n_unlabeled:
+        raise ValueError(
+            f"need n_unlabeled >= 1 and 0 <= n_unlabeled_val < n_unlabeled, got {n_unlabeled}, {n_unlabeled_val}"
+        )
+    if n_labeled_train < 1 or n_labeled_val < 0:
+        raise ValueError(f"need n_labeled_train >= 1 and n_labeled_val >= 0, got {n_labeled_train}, {n_labeled_val}")
+    if not sizes or sizes[0] < 1 or sizes[-1] > n_labeled_train:
+        raise ValueError(f"train_sizes={tuple(train_sizes)} must lie in 1..n_labeled_train={n_labeled_train}")
+    return {
+        "version": COHORT_VERSION,
+        "n_unlabeled": int(n_unlabeled),
+        "n_unlabeled_val": int(n_unlabeled_val),
+        "n_labeled_train": int(n_labeled_train),
+        "n_labeled_val": int(n_labeled_val),
+        "train_sizes": sizes,
+        "shape": [int(s) for s in shape],
+        "spacing": [float(s) for s in spacing],
+        "seed": int(seed),
+    }
+
+
+def _cohort_layout(root: Path, params: dict) -> _CohortLayout:
+    tcia_root, btcv_root = root / "tcia", root / "btcv"
+    n_lab = params["n_labeled_train"] + params["n_labeled_val"]
+    return _CohortLayout(
+        root=root,
+        tcia_root=tcia_root,
+        btcv_root=btcv_root,
+        tcia_json=tcia_root / "dataset_split.json",
+        btcv_json={N: btcv_root / f"dataset_0_init_{N}.json" for N in params["train_sizes"]},
+        unlabeled=[f"data/volume-synth-{i:04d}.nii.gz" for i in range(params["n_unlabeled"])],
+        labeled=[
+            {"image": f"imagesTr/img{j:04d}.nii.gz", "label": f"labelsTr/label{j:04d}.nii.gz"}
+            for j in range(1, n_lab + 1)
+        ],
+    )
+
+
+def _is_complete(layout: _CohortLayout, params: dict) -> bool:
+    """A previous cohort with identical parameters, marked complete, with every file present."""
+    if not layout.meta_path.exists():
+        return False
+    try:
+        old = json.loads(layout.meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return old == {**params, "complete": True} and all(p.exists() for p in layout.all_files())
+
+
+def _prepare_folders(layout: _CohortLayout, params: dict) -> None:
+    """Drop a previous cohort's folders (only if this module made them: cohort.json present), mark the new
+    one as in progress and create its folders."""
+    if layout.meta_path.exists():
+        for d in (layout.tcia_root, layout.btcv_root):
+            if d.is_dir():
+                shutil.rmtree(d)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic({**params, "complete": False}, layout.meta_path)  # marks tcia/ and btcv/ as ours
+    (layout.tcia_root / "data").mkdir(parents=True, exist_ok=True)
+    (layout.btcv_root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (layout.btcv_root / "labelsTr").mkdir(parents=True, exist_ok=True)
+
+
+def _write_volumes(layout: _CohortLayout, params: dict, progress: bool, workers: int) -> None:
+    """Generate and write every subject (unlabeled: seed stream 0, labeled: stream 1)."""
+    seed, shp, spc = params["seed"], tuple(params["shape"]), tuple(params["spacing"])
+    tcia, btcv = layout.tcia_root, layout.btcv_root
+    tasks = [(_subject_seed(seed, 0, i), shp, spc, "tcia", str(tcia / p), None) for i, p in enumerate(layout.unlabeled)]
+    tasks += [
+        (_subject_seed(seed, 1, j), shp, spc, "btcv", str(btcv / e["image"]), str(btcv / e["label"]))
+        for j, e in enumerate(layout.labeled)
+    ]
+    bar = tqdm(total=len(tasks), desc="synthetic cohort", unit="vol", disable=not progress)
+    try:
+        if workers > 1:
+            with ProcessPoolExecutor(max_workers=int(workers)) as ex:
+                for _ in ex.map(_make_one, tasks):
+                    bar.update(1)
+        else:
+            for t in tasks:
+                _make_one(t)
+                bar.update(1)
+    finally:
+        bar.close()
+
+
+def _write_datalists(layout: _CohortLayout, params: dict) -> None:
+    """The TCIA train / validation split and one BTCV datalist per training-set size."""
+    n_train_unl = params["n_unlabeled"] - params["n_unlabeled_val"]
+    split = {
+        "training": [{"image": p} for p in layout.unlabeled[:n_train_unl]],
+        "validation": [{"image": p} for p in layout.unlabeled[n_train_unl:]],
+    }
+    _write_json_atomic(split, layout.tcia_json)
+    labels = {"0": "background", **{str(k): v for k, v in ORGANS.items()}}
+    n_train = params["n_labeled_train"]
+    train, val = layout.labeled[:n_train], layout.labeled[n_train:]
+    for N, path in layout.btcv_json.items():
+        datalist = {
+            "description": "synthetic btcv-like cohort",
+            "labels": labels,
+            "modality": {"0": "CT"},
+            "name": "btcv-synthetic",
+            "tensorImageSize": "3D",
+            "numTraining": N,
+            "training": train[:N],
+            "validation": val,
+        }
+        _write_json_atomic(datalist, path)
 
 
 def make_synthetic_dataset(
@@ -987,112 +1554,26 @@ def make_synthetic_dataset(
     subjects in parallel processes.
     Returns {"root", "tcia_root", "tcia_json", "btcv_root", "btcv_json": {N: path}, "reused"} (str paths).
     """
-    root = Path(root)
-    sizes = sorted({int(s) for s in train_sizes})
-    if n_unlabeled < 1 or not 0 <= n_unlabeled_val < n_unlabeled:
-        raise ValueError(f"need n_unlabeled >= 1 and 0 <= n_unlabeled_val < n_unlabeled, got {n_unlabeled}, {n_unlabeled_val}")
-    if n_labeled_train < 1 or n_labeled_val < 0:
-        raise ValueError(f"need n_labeled_train >= 1 and n_labeled_val >= 0, got {n_labeled_train}, {n_labeled_val}")
-    if not sizes or sizes[0] < 1 or sizes[-1] > n_labeled_train:
-        raise ValueError(f"train_sizes={tuple(train_sizes)} must lie in 1..n_labeled_train={n_labeled_train}")
-    params = {
-        "version": COHORT_VERSION,
-        "n_unlabeled": int(n_unlabeled),
-        "n_unlabeled_val": int(n_unlabeled_val),
-        "n_labeled_train": int(n_labeled_train),
-        "n_labeled_val": int(n_labeled_val),
-        "train_sizes": sizes,
-        "shape": [int(s) for s in shape],
-        "spacing": [float(s) for s in spacing],
-        "seed": int(seed),
-    }
-    tcia_root, btcv_root = root / "tcia", root / "btcv"
-    tcia_json = tcia_root / "dataset_split.json"
-    btcv_json = {N: btcv_root / f"dataset_0_init_{N}.json" for N in sizes}
-    unl = [f"data/volume-synth-{i:04d}.nii.gz" for i in range(n_unlabeled)]
-    n_lab = n_labeled_train + n_labeled_val
-    lab_entries = [{"image": f"imagesTr/img{j:04d}.nii.gz", "label": f"labelsTr/label{j:04d}.nii.gz"} for j in range(1, n_lab + 1)]
-    result = {
-        "root": str(root),
-        "tcia_root": str(tcia_root),
-        "tcia_json": str(tcia_json),
-        "btcv_root": str(btcv_root),
-        "btcv_json": {N: str(p) for N, p in btcv_json.items()},
-        "reused": False,
-    }
-    meta_path = root / "cohort.json"
-    all_files = [tcia_json, *btcv_json.values(), *(tcia_root / p for p in unl)]
-    all_files += [btcv_root / e[k] for e in lab_entries for k in ("image", "label")]
-
-    old = None
-    if meta_path.exists():
-        try:
-            old = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            old = None
-    if not overwrite and old == {**params, "complete": True} and all(p.exists() for p in all_files):
-        result["reused"] = True
-        return result
-
-    # (re)generate: drop a previous cohort's folders only if this module made them (cohort.json present)
-    if meta_path.exists():
-        for d in (tcia_root, btcv_root):
-            if d.is_dir():
-                shutil.rmtree(d)
-    root.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic({**params, "complete": False}, meta_path)  # marks tcia/ and btcv/ as ours
-    (tcia_root / "data").mkdir(parents=True, exist_ok=True)
-    (btcv_root / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (btcv_root / "labelsTr").mkdir(parents=True, exist_ok=True)
-
-    shp, spc = tuple(params["shape"]), tuple(params["spacing"])
-    tasks = [(_subject_seed(seed, 0, i), shp, spc, "tcia", str(tcia_root / p), None) for i, p in enumerate(unl)]
-    tasks += [
-        (_subject_seed(seed, 1, j), shp, spc, "btcv", str(btcv_root / e["image"]), str(btcv_root / e["label"]))
-        for j, e in enumerate(lab_entries)
-    ]
-    bar = tqdm(total=len(tasks), desc="synthetic cohort", unit="vol", disable=not progress)
-    try:
-        if workers > 1:
-            with ProcessPoolExecutor(max_workers=int(workers)) as ex:
-                for _ in ex.map(_make_one, tasks):
-                    bar.update(1)
-        else:
-            for t in tasks:
-                _make_one(t)
-                bar.update(1)
-    finally:
-        bar.close()
-
-    split = {
-        "training": [{"image": p} for p in unl[: n_unlabeled - n_unlabeled_val]],
-        "validation": [{"image": p} for p in unl[n_unlabeled - n_unlabeled_val :]],
-    }
-    _write_json_atomic(split, tcia_json)
-    labels = {"0": "background", **{str(k): v for k, v in ORGANS.items()}}
-    train, val = lab_entries[:n_labeled_train], lab_entries[n_labeled_train:]
-    for N, path in btcv_json.items():
-        _write_json_atomic(
-            {
-                "description": "synthetic btcv-like cohort",
-                "labels": labels,
-                "modality": {"0": "CT"},
-                "name": "btcv-synthetic",
-                "tensorImageSize": "3D",
-                "numTraining": N,
-                "training": train[:N],
-                "validation": val,
-            },
-            path,
-        )
-    _write_json_atomic({**params, "complete": True}, meta_path)  # last: the cohort is complete
-    return result
+    params = _cohort_params(
+        n_unlabeled, n_unlabeled_val, n_labeled_train, n_labeled_val, train_sizes, shape, spacing, seed
+    )
+    layout = _cohort_layout(Path(root), params)
+    if not overwrite and _is_complete(layout, params):
+        return layout.result(reused=True)
+    _prepare_folders(layout, params)
+    _write_volumes(layout, params, progress, workers)
+    _write_datalists(layout, params)
+    _write_json_atomic({**params, "complete": True}, layout.meta_path)  # last: the cohort is complete
+    return layout.result(reused=False)
 
 
-def make_cohort_from_config(cfg: dict, root: str | os.PathLike, **kw: Any) -> dict:
+def make_cohort_from_config(cfg: Mapping[str, Any] | str, root: str | os.PathLike, **kw: Any) -> dict:
     """``make_synthetic_dataset`` with sizes from a config: synth_unlabeled (total incl. validation),
     synth_unlabeled_val, synth_labeled_train, synth_labeled_val, synth_train_sizes, synth_shape (voxels),
     synth_spacing (mm), synth_seed. Keyword arguments (overwrite, progress, workers, ...) override."""
+    from .config import get_config
+
+    cfg = get_config(cfg)  # a preset name, a Config or flat settings (validated; missing ones default)
     args = dict(
         n_unlabeled=int(cfg["synth_unlabeled"]),
         n_unlabeled_val=int(cfg["synth_unlabeled_val"]),
@@ -1101,7 +1582,7 @@ def make_cohort_from_config(cfg: dict, root: str | os.PathLike, **kw: Any) -> di
         train_sizes=tuple(cfg["synth_train_sizes"]),
         shape=tuple(cfg["synth_shape"]),
         spacing=tuple(cfg["synth_spacing"]),
-        seed=int(cfg.get("synth_seed", 0)),
+        seed=int(cfg["synth_seed"]),
     )
     args.update(kw)
     return make_synthetic_dataset(root, **args)

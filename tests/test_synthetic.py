@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
+import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from ssl_utils.synthetic import ORGANS, generate_subject, make_cohort_from_config, make_synthetic_dataset
+import ssl_utils.synthetic as synthetic
+from ssl_utils.organs import ORGANS
+from ssl_utils.synthetic import generate_subject, make_cohort_from_config, make_synthetic_dataset
 
 SHAPE = (64, 64)
 SPACING = (6.0, 6.0, 8.0)  # the coarsest supported spacing
@@ -28,6 +34,76 @@ SMALL = dict(
 )
 
 
+# Golden reference: hashes of the generator's output, recorded from the original (pre-refactor) _render.
+# Regenerate only on a deliberate change of the synthetic anatomy:  python tests/test_synthetic.py --write-golden
+GOLDEN_PATH = Path(__file__).parent / "golden" / "synthetic.json"
+GOLDEN_SUBJECTS = [
+    *(dict(seed=s, shape=[64, 64], spacing=[6.0, 6.0, 8.0], kind="btcv", with_label=True) for s in (0, 1, 2, 7)),
+    *(dict(seed=s, shape=[64, 64], spacing=[6.0, 6.0, 8.0], kind="tcia", with_label=False) for s in (0, 3)),
+    dict(seed=4, shape=[96, 96], spacing=[4.0, 4.0, 5.0], kind="btcv", with_label=True),
+    dict(seed=11, shape=[96, 96], spacing=[4.0, 4.0, 5.0], kind="tcia", with_label=True),
+    dict(seed=6, shape=[48, 40], spacing=[3.0, 3.0, 5.0], kind="btcv", with_label=True),  # nx != ny
+    # tiny field of view: organs outside the volume, so the enlarge / force retries run (seed 5 forces one)
+    *(dict(seed=s, shape=[16, 16], spacing=[6.0, 6.0, 8.0], kind="btcv", with_label=True) for s in (3, 5)),
+]
+GOLDEN_COHORT = dict(
+    n_unlabeled=2,
+    n_unlabeled_val=1,
+    n_labeled_train=2,
+    n_labeled_val=1,
+    train_sizes=[1, 2],
+    shape=[64, 64],
+    spacing=[6.0, 6.0, 8.0],
+    seed=3,
+)
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _array_record(a: np.ndarray) -> dict:
+    return {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha(a)}
+
+
+def _subject_record(case: dict) -> dict:
+    img, lab, aff = generate_subject(
+        case["seed"], tuple(case["shape"]), tuple(case["spacing"]), with_label=case["with_label"], kind=case["kind"]
+    )
+    return {
+        "case": case,
+        "image": _array_record(img),
+        "label": None if lab is None else _array_record(lab),
+        "affine": _array_record(aff),
+    }
+
+
+def _cohort_record(root: Path) -> dict:
+    """Data arrays and affines of every NIfTI (not the gzip bytes) and every JSON; the datalists' ``labels``
+    map (organ names, not pixels) is left out and checked against ssl_utils.organs separately."""
+    make_synthetic_dataset(root, progress=False, **{**GOLDEN_COHORT, "train_sizes": tuple(GOLDEN_COHORT["train_sizes"])})
+    files: dict[str, Any] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel.endswith(".nii.gz"):
+            im = nib.load(str(path))
+            files[rel] = {"data": _array_record(np.asanyarray(im.dataobj)), "affine": _array_record(im.affine)}
+        elif rel.endswith(".json"):
+            obj = json.loads(path.read_text())
+            if isinstance(obj, dict):
+                obj.pop("labels", None)
+            files[rel] = {"json": obj}
+        else:
+            files[rel] = {"other": True}
+    return {"params": GOLDEN_COHORT, "files": files}
+
+
+def _golden_records() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cohort = _cohort_record(Path(tmp) / "cohort")
+    return {"subjects": [_subject_record(c) for c in GOLDEN_SUBJECTS], "cohort": cohort}
+
+
 @lru_cache(maxsize=None)
 def _subject(seed: int, kind: str = "btcv"):
     return generate_subject(seed, SHAPE, SPACING, kind=kind)
@@ -36,9 +112,26 @@ def _subject(seed: int, kind: str = "btcv"):
 # ------------------------------------------------------------------------------------------------
 # generate_subject
 # ------------------------------------------------------------------------------------------------
-def test_organs_table():
-    assert sorted(ORGANS) == list(range(1, 14))
-    assert ORGANS[1] == "spleen" and ORGANS[6] == "liver" and ORGANS[8] == "aorta" and ORGANS[11] == "pancreas"
+def test_bit_identical_to_golden_reference():
+    """Every RNG draw, primitive and painting order is pinned: any change of the output shows up here."""
+    golden = json.loads(GOLDEN_PATH.read_text())
+    assert [g["case"] for g in golden["subjects"]] == GOLDEN_SUBJECTS, "golden cases out of date"
+    for want in golden["subjects"]:
+        got = _subject_record(want["case"])
+        assert got == want, f"generate_subject differs from the golden reference for {want['case']}"
+    assert golden["cohort"]["params"] == GOLDEN_COHORT
+    with tempfile.TemporaryDirectory() as tmp:
+        got = _cohort_record(Path(tmp) / "cohort")
+    assert sorted(got["files"]) == sorted(golden["cohort"]["files"])
+    for rel, want in golden["cohort"]["files"].items():
+        assert got["files"][rel] == want, f"make_synthetic_dataset: {rel} differs from the golden reference"
+
+
+def test_organs_reexported_from_shared_table():
+    import ssl_utils.organs as organs
+
+    assert synthetic.ORGANS is organs.ORGANS
+    assert "ORGANS" in synthetic.__all__
 
 
 def test_same_seed_same_subject_and_different_seed_differs():
@@ -245,3 +338,11 @@ def test_invalid_arguments(tmp_path):
     with pytest.raises(ValueError):
         make_synthetic_dataset(tmp_path, n_labeled_train=2, train_sizes=(3,), progress=False)
     assert not os.listdir(tmp_path)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write-golden"]:
+        sys.exit("usage: python tests/test_synthetic.py --write-golden")
+    GOLDEN_PATH.parent.mkdir(parents=True, exist_ok=True)
+    GOLDEN_PATH.write_text(json.dumps(_golden_records(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {GOLDEN_PATH}")
