@@ -53,6 +53,7 @@ import socket
 import sys
 import time
 import warnings
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -96,9 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cuda or cpu")
     g.add_argument("--resume", action="store_true", help="continue from <output>/last_model.pt when it exists")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <logdir_path>/tensorboard")
-    # for the test-suite: make one worker die once, and let every rank save its final weights
-    p.add_argument("--_crash_at_epoch", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--_save_rank_params", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
@@ -164,140 +162,163 @@ def init_process_group(backend: str, rank: int, world_size: int, timeout: dateti
 # -----------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+class DeviceUnavailable(Exception):
+    """The requested device does not exist on this host (``main`` exits with code 2)."""
 
+
+def choose_device(args: argparse.Namespace):
+    """The device this process trains on: ``ssl_utils.runtime.select_device(--device)``, made current
+    on CUDA (before NCCL joins the process group)."""
     import torch
-    import torch.distributed as dist
 
-    from ssl_utils import get_config
-    from ssl_utils.pretrain import pretrain
+    from ssl_utils.runtime import select_device
 
-    # DDP's reducer warns when a transposed convolution's weight gradient has another memory
-    # layout than its bucket; the values are right, the copy is cheap.
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-
-    # ---- processes and devices: torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; one process does not ----
-    ddp = "RANK" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    is_master = rank == 0
-    if args.device == "auto":
-        use_cuda = torch.cuda.is_available()
-    else:
-        use_cuda = args.device.startswith("cuda")
-        if use_cuda and not torch.cuda.is_available():
-            print(f"--device {args.device}: CUDA is not available on {socket.gethostname()}", file=sys.stderr)
-            return 2
-    if use_cuda:
-        if ddp or args.device in ("auto", "cuda"):
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        else:
-            device = torch.device(args.device)
+    try:
+        device = select_device(args.device)
+    except RuntimeError as exc:
+        raise DeviceUnavailable(f"--device {args.device}: {exc}") from None
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    return device
 
-    os.makedirs(args.logdir_path, exist_ok=True)
-    log_file = os.path.join(args.logdir_path, "train.log")
+
+def make_logger(logdir: str, is_master: bool) -> tuple[Callable[[str], None], str]:
+    """``(log, log_file)``: rank 0 prints and appends to ``<logdir>/train.log``; the others stay quiet."""
+    os.makedirs(logdir, exist_ok=True)
+    log_file = os.path.join(logdir, "train.log")
 
     def log(msg: str) -> None:
-        """Rank 0 prints and appends to train.log; the other ranks stay quiet."""
         if is_master:
             print(msg, flush=True)
             with open(log_file, "a") as f:
                 f.write(msg + "\n")
 
+    return log, log_file
+
+
+def log_joined(log: Callable[[str], None], device, ddp: bool, world_size: int) -> None:
+    """One line: every host and the devices its processes run on."""
+    import torch.distributed as dist
+
+    joined = [(socket.gethostname(), str(device))]
+    if ddp:
+        joined = [None] * world_size
+        dist.all_gather_object(joined, (socket.gethostname(), str(device)))
+    hosts: dict[str, list[str]] = {}
+    for host, dev in joined:
+        hosts.setdefault(host, []).append(dev)
+    log("joined: " + "; ".join(f"{h}: {len(d)} process(es) on {', '.join(sorted(set(d)))}" for h, d in hosts.items()))
+
+
+def make_config(args: argparse.Namespace):
+    """The preset with the recipe flags applied (``None``: the preset's value)."""
+    from ssl_utils import get_config
+
+    return get_config(
+        args.preset,
+        ssl_epochs=args.epochs,
+        ssl_batch_size=args.batch_size,
+        ssl_lr=args.base_lr,
+        warmup_epochs=args.warmup_epochs,
+        temperature=args.temperature,
+        ssl_val_every=args.val_every,
+        seed=args.seed,
+        deterministic=True if args.deterministic else None,
+        amp=args.amp,
+        num_workers=args.num_workers,
+    )
+
+
+def log_setup(log: Callable[[str], None], args: argparse.Namespace, cfg, world_size: int, device, log_file: str) -> None:
+    """Global batch, learning rate, negatives, data, outputs (and a note for the paper preset on a CPU)."""
+    log(
+        f"global batch: {world_size} x {cfg['ssl_batch_size']} volumes x {cfg['ssl_num_samples']} crops = "
+        f"{world_size * cfg['ssl_batch_size'] * cfg['ssl_num_samples']} crop pairs per step; lr {cfg['ssl_lr']:g}; "
+        f"contrastive negatives from {'all ranks' if args.global_negatives and world_size > 1 else 'the local batch'}"
+    )
+    log(f"data: {args.data_root or 'embedded synthetic cohort (' + os.path.join(REPO, 'data', 'synthetic') + ')'}"
+        + (f", datalist {args.json_path}" if args.json_path else ""))
+    log(f"checkpoints: {args.output}; log: {log_file}")
+    if device.type == "cpu" and args.preset == "paper":
+        log("note: the paper preset (ViT-B, 96^3 crops) is GPU-sized; --preset demo runs on a CPU in minutes")
+
+
+def log_summary(log: Callable[[str], None], result, run_rows: list[dict], elapsed: float, world_size: int) -> None:
+    """The last line: epochs, time, throughput after the first epoch, best validation."""
+    if not run_rows:
+        log(f"nothing to do: {result.last} already holds epoch {result.last_epoch}")
+        return
+    # the first epoch of a run also pays for warm-up (allocations, kernel selection)
+    speeds = [row["crop_pairs_per_s"] for row in run_rows[1:]] or [run_rows[0]["crop_pairs_per_s"]]
+    val = [row["val_recon"] for row in result.history if "val_recon" in row]
+    log(
+        f"done: epoch {result.last_epoch} reached in {elapsed / 60:.1f} min "
+        f"({world_size} process(es), {sum(speeds) / len(speeds):.1f} crop pairs/s"
+        f"{' after the first epoch' if len(run_rows) > 1 else ''}); "
+        + (f"best val recon {min(val):.4f}; " if val else "")
+        + f"best {result.best}, last {result.last}"
+    )
+
+
+def run(args: argparse.Namespace, on_epoch_end: Callable[[int, dict], None] | None = None):
+    """Pre-train with the parsed flags: join the process group (under torchrun), log, call
+    ``ssl_utils.pretrain.pretrain`` and log a summary; returns its ``PretrainResult``.
+
+    ``on_epoch_end(epoch, row)`` is passed to ``pretrain`` (called on every rank after each
+    epoch's checkpoint). Raises ``DeviceUnavailable`` when --device names a missing device.
+    """
+    import torch.distributed as dist
+
+    from ssl_utils.pretrain import pretrain
+
+    # DDP's reducer warns when a transposed convolution's weight gradient has another memory
+    # layout than its bucket; the values are right, the copy is cheap.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    # torchrun sets RANK, LOCAL_RANK, WORLD_SIZE; one process does not
+    ddp = "RANK" in os.environ
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = choose_device(args)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    log, log_file = make_logger(args.logdir_path, rank == 0)
     if ddp:
         # generous timeout: ranks meet after caching their shard, which can take minutes on real data
         init_process_group(backend, rank, world_size, timeout=datetime.timedelta(minutes=60))
     try:
-        log(
-            f"mgpu_ssl_train: world_size={world_size} backend={backend if ddp else 'none (single process)'} "
-            f"device={device} preset={args.preset}"
-        )
-        joined = [(socket.gethostname(), str(device))]
-        if ddp:
-            joined = [None] * world_size
-            dist.all_gather_object(joined, (socket.gethostname(), str(device)))
-        hosts: dict[str, list[str]] = {}
-        for host, dev in joined:
-            hosts.setdefault(host, []).append(dev)
-        log("joined: " + "; ".join(f"{h}: {len(d)} process(es) on {', '.join(sorted(set(d)))}" for h, d in hosts.items()))
-
-        cfg = get_config(
-            args.preset,
-            ssl_epochs=args.epochs,
-            ssl_batch_size=args.batch_size,
-            ssl_lr=args.base_lr,
-            warmup_epochs=args.warmup_epochs,
-            temperature=args.temperature,
-            ssl_val_every=args.val_every,
-            seed=args.seed,
-            deterministic=True if args.deterministic else None,
-            amp=args.amp,
-            num_workers=args.num_workers,
-        )
-        crops = cfg["ssl_batch_size"] * cfg["ssl_num_samples"]
-        log(
-            f"global batch: {world_size} x {cfg['ssl_batch_size']} volumes x {cfg['ssl_num_samples']} crops = "
-            f"{world_size * crops} crop pairs per step; lr {cfg['ssl_lr']:g}; "
-            f"contrastive negatives from {'all ranks' if args.global_negatives and world_size > 1 else 'the local batch'}"
-        )
-        log(f"data: {args.data_root or 'embedded synthetic cohort (' + os.path.join(REPO, 'data', 'synthetic') + ')'}"
-            + (f", datalist {args.json_path}" if args.json_path else ""))
-        log(f"checkpoints: {args.output}; log: {log_file}")
-        if device.type == "cpu" and args.preset == "paper":
-            log("note: the paper preset (ViT-B, 96^3 crops) is GPU-sized; --preset demo runs on a CPU in minutes")
-
+        log(f"mgpu_ssl_train: world_size={world_size} backend={backend if ddp else 'none (single process)'} "
+            f"device={device} preset={args.preset}")
+        log_joined(log, device, ddp, world_size)
+        cfg = make_config(args)
+        log_setup(log, args, cfg, world_size, device, log_file)
         run_rows: list[dict] = []  # the epochs this run trained (a resumed history holds earlier ones too)
 
-        def on_epoch_end(epoch: int, row: dict) -> None:
+        def epoch_end(epoch: int, row: dict) -> None:
             run_rows.append(row)
-            if args._crash_at_epoch and epoch == args._crash_at_epoch:
-                crash_rank = 1 if world_size > 1 else 0
-                if rank == crash_rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-                    print(f"rank {rank}: simulated crash after epoch {epoch}", file=sys.stderr, flush=True)
-                    os._exit(1)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, row)
 
         t0 = time.perf_counter()
         result = pretrain(
-            cfg,
-            data_root=args.data_root or None,
-            json_path=args.json_path or None,
-            logdir=args.output,
-            resume=args.resume,
-            device=str(device),
-            progress=is_master and sys.stderr.isatty(),
+            cfg, data_root=args.data_root or None, json_path=args.json_path or None, logdir=args.output,
+            resume=args.resume, device=device, progress=rank == 0 and sys.stderr.isatty(),
             tensorboard=os.path.join(args.logdir_path, "tensorboard") if args.tensorboard else False,
-            skip_bad=args.skip_bad,
-            global_negatives=args.global_negatives,
-            cohort_root=os.path.join(REPO, "data", "synthetic"),
-            log=log,
-            on_epoch_end=on_epoch_end,
+            skip_bad=args.skip_bad, global_negatives=args.global_negatives,
+            cohort_root=os.path.join(REPO, "data", "synthetic"), log=log, on_epoch_end=epoch_end,
         )
-        elapsed = time.perf_counter() - t0
-        if run_rows:
-            # the first epoch of a run also pays for warm-up (allocations, kernel selection)
-            speeds = [row["crop_pairs_per_s"] for row in run_rows[1:]] or [run_rows[0]["crop_pairs_per_s"]]
-            val = [row["val_recon"] for row in result["history"] if "val_recon" in row]
-            log(
-                f"done: epoch {result['last_epoch']} reached in {elapsed / 60:.1f} min "
-                f"({world_size} process(es), {sum(speeds) / len(speeds):.1f} crop pairs/s"
-                f"{' after the first epoch' if len(run_rows) > 1 else ''}); "
-                + (f"best val recon {min(val):.4f}; " if val else "")
-                + f"best {result['best']}, last {result['last']}"
-            )
-        else:
-            log(f"nothing to do: {result['last']} already holds epoch {result['last_epoch']}")
-        if args._save_rank_params:
-            params = {k: v.detach().cpu() for k, v in result["model"].state_dict().items()}
-            torch.save(params, os.path.join(args.output, f"rank{rank}_params.pt"))
+        log_summary(log, result, run_rows, time.perf_counter() - t0, world_size)
+        return result
     finally:
         if ddp and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the flags and run; the exit code (2: a usage error such as a missing device)."""
+    args = parse_args(argv)
+    try:
+        run(args)
+    except DeviceUnavailable as exc:
+        print(f"mgpu_ssl_train.py: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe reads, RNG state capture.
+"""Checkpoints: atomic writes (``ssl_utils.io``), safe reads, RNG state capture and restore.
 
 A pre-training checkpoint is a dict with ``"state_dict"`` (unwrapped model weights, no
 ``module.`` / ``_orig_mod.`` prefix), ``"optimizer"``, ``"epoch"`` (the last completed epoch),
@@ -12,121 +12,30 @@ import os
 import pickle
 import random
 import re
-import socket
-import tempfile
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .io import WriteError, atomic_write
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read. The message names the file and the reason."""
 
 
-class _RecordingWriter:
-    """A binary file wrapper that remembers the ``OSError`` behind a failed write, so the
-    message can say "No space left on device" rather than the serializer's internal assertion."""
-
-    def __init__(self, f) -> None:
-        self.f = f
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def _temp_prefix(path: str) -> str:
-    return f"{os.path.basename(path)}.{socket.gethostname()}-{os.getpid()}."
-
-
-def _remove_stale_temps(path: str) -> list[str]:
-    """Delete temp files left by earlier writers of ``path`` on this host that no longer run
-    (a process killed while writing). Returns the removed paths."""
-    folder, base = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    host = socket.gethostname()
-    removed = []
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return removed
-    for name in names:
-        if not (name.startswith(base + ".") and name.endswith(".tmp")):
-            continue
-        tag = name[len(base) + 1 : -len(".tmp")].rsplit(".", 1)[0]  # "<host>-<pid>"
-        who, _, pid = tag.rpartition("-")
-        if who != host or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # the writer is alive
-        except ProcessLookupError:
-            pass
-        except (PermissionError, OverflowError):
-            continue
-        try:
-            os.unlink(os.path.join(folder, name))
-            removed.append(os.path.join(folder, name))
-        except OSError:
-            pass
-    return removed
-
-
 def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> str:
-    """Write ``obj`` with ``torch.save`` atomically: temp file in the same folder, fsync, rename.
+    """Write ``obj`` with ``torch.save`` atomically (``ssl_utils.io.atomic_write``).
 
     A crash, a kill or a failed write (no space, no permission) leaves any previous file at
     ``path`` intact; temp files left by killed writers are removed on the next save. Raises
     ``CheckpointError`` naming the path and the reason (e.g. "No space left on device").
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(folder, exist_ok=True)
-        _remove_stale_temps(path)
-        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=folder)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        blocker = next((p for p in [folder, *Path(folder).parents] if os.path.exists(p)), None)
-        if blocker is not None and not os.path.isdir(blocker):
-            reason = f"{blocker} is a file, not a folder"
-        raise CheckpointError(f"cannot write checkpoint {path}: {reason}") from exc
-    writer = None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer = _RecordingWriter(f)
-            torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        try:  # make the rename itself durable
-            dir_fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, (OSError, RuntimeError)):
-            cause = (writer.error if writer is not None else None) or (exc if isinstance(exc, OSError) else None)
-            reason = f"{cause.strerror} (errno {cause.errno})" if cause is not None and cause.strerror else str(exc)
-            raise CheckpointError(f"cannot write checkpoint {path}: {reason}; the previous file is intact") from exc
-        raise
-    return path
+        return atomic_write(path, lambda f: torch.save(obj, f), what="checkpoint")
+    except WriteError as exc:
+        raise CheckpointError(str(exc)) from exc.__cause__
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
@@ -177,7 +86,9 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any] | None) -> None:
-    """Inverse of ``capture_rng_state`` (missing parts are left alone)."""
+    """Inverse of ``capture_rng_state`` (missing parts are left alone). A CUDA state that cannot be
+    restored (another number of visible GPUs) raises ``CheckpointError`` instead of silently
+    giving a run that is no longer a bitwise continuation."""
     if not state:
         return
     if "python" in state:
@@ -189,7 +100,14 @@ def restore_rng_state(state: dict[str, Any] | None) -> None:
     if "torch" in state:
         torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
+        saved = list(state["cuda"])
+        if len(saved) != torch.cuda.device_count():
+            raise CheckpointError(
+                f"cannot restore the CUDA random state: the checkpoint holds {len(saved)} device state(s), this "
+                f"process sees {torch.cuda.device_count()} GPU(s); resume with the same visible GPUs "
+                "(CUDA_VISIBLE_DEVICES) for a bitwise continuation"
+            )
         try:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-        except RuntimeError:
-            pass  # a different number of GPUs: CUDA streams are re-seeded per epoch anyway
+            torch.cuda.set_rng_state_all([s.cpu() for s in saved])
+        except RuntimeError as exc:
+            raise CheckpointError(f"cannot restore the CUDA random state: {exc}") from exc

@@ -11,12 +11,18 @@ every item from ``(seed, epoch, index)``. Two consequences:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from monai.data import CacheDataset
 
 from .transforms import finetune_transforms, pretrain_transforms
+
+
+def plain_tensor(x: Any) -> Any:
+    """A plain ``torch.Tensor`` view of a MONAI ``MetaTensor`` (no per-operation metadata tracking
+    through the network: the loops do not need it, and on CPU it costs more than the small ops)."""
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
 
 
 def mix_seed(*parts: int) -> int:
@@ -37,34 +43,25 @@ class SeededCacheDataset(CacheDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _transform(self, index: int):
-        self.transform.set_random_state(seed=mix_seed(self.seed, self.epoch, index))
-        return super()._transform(index)
+    def __getitem__(self, index):
+        # public Dataset API only: an integer index runs the random stage, seeded here first
+        # (a slice or a sequence of indices returns a Subset, whose items come back through here)
+        if isinstance(index, (int, np.integer)):
+            self.transform.set_random_state(seed=mix_seed(self.seed, self.epoch, int(index) % len(self)))
+        return super().__getitem__(index)
 
 
-def pretrain_datasets(
-    cfg: dict[str, Any],
-    train_entries: Sequence[dict],
-    val_entries: Sequence[dict],
-    cache_workers: int | None = None,
-    progress: bool = True,
-) -> tuple[SeededCacheDataset, SeededCacheDataset]:
+def pretrain_datasets(cfg: Mapping[str, Any], train_entries: Sequence[dict], val_entries: Sequence[dict],
+                      cache_workers: int | None = None, progress: bool = True) -> tuple[SeededCacheDataset, SeededCacheDataset]:
     """Training and validation datasets for pre-training (validation views fixed by ``val_seed``)."""
-    kw = dict(cache_rate=cfg.get("cache_rate", 1.0), num_workers=cache_workers, progress=progress)
+    kw = dict(cache_rate=cfg["cache_rate"], num_workers=cache_workers, progress=progress)
     train = SeededCacheDataset(train_entries, pretrain_transforms(cfg), seed=cfg["seed"], **kw)
-    val = SeededCacheDataset(val_entries, pretrain_transforms(cfg), seed=cfg["val_seed"], **kw)
-    return train, val
+    return train, SeededCacheDataset(val_entries, pretrain_transforms(cfg), seed=cfg["val_seed"], **kw)
 
 
-def finetune_datasets(
-    cfg: dict[str, Any],
-    train_entries: Sequence[dict],
-    val_entries: Sequence[dict],
-    cache_workers: int | None = None,
-    progress: bool = True,
-) -> tuple[SeededCacheDataset, CacheDataset]:
+def finetune_datasets(cfg: Mapping[str, Any], train_entries: Sequence[dict], val_entries: Sequence[dict],
+                      cache_workers: int | None = None, progress: bool = True) -> tuple[SeededCacheDataset, CacheDataset]:
     """Training (random crops, seeded per item) and validation (whole volumes) datasets."""
-    kw = dict(cache_rate=cfg.get("cache_rate", 1.0), num_workers=cache_workers, progress=progress)
+    kw = dict(cache_rate=cfg["cache_rate"], num_workers=cache_workers, progress=progress)
     train = SeededCacheDataset(train_entries, finetune_transforms(cfg, train=True), seed=cfg["seed"], **kw)
-    val = CacheDataset(val_entries, finetune_transforms(cfg, train=False), **kw)
-    return train, val
+    return train, CacheDataset(val_entries, finetune_transforms(cfg, train=False), **kw)

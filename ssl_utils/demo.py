@@ -10,12 +10,13 @@ JSON), and prints how long each step took.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see the Makefile
+
+from .io import write_json  # noqa: E402 (no torch import)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ssl_finetune.ipynb: {timings['ssl_finetune_s'] / 60:.1f} min")
     timings["total_s"] = time.perf_counter() - t0
     summary = {"preset": args.preset, "machine": _machine(), "date": time.strftime("%Y-%m-%d"), **timings}
-    with open(os.path.join(out_dir, "demo_summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    write_json(os.path.join(out_dir, "demo_summary.json"), summary)
     print(f"demo done in {timings['total_s'] / 60:.1f} min on {summary['machine']}; executed notebooks in {out_dir}")
     table = os.path.join(REPO, args.ft_logdir, "compare", "results_table.md")
     if os.path.exists(table):

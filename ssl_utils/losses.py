@@ -6,29 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def rank() -> int:
-    """This process's global rank; 0 outside a process group."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    """Number of processes; 1 outside a process group."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0, differentiably.
-
-    The backward pass sums each rank's gradient for this rank's slice (a reduce-scatter), so the
-    gradient reaching ``x`` includes the contributions of every rank's loss.
-    Outside a process group it returns ``x``.
-    """
-    if world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+from .distributed import gather_with_grad, rank, world_size
 
 
 def contrastive_loss(

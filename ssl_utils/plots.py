@@ -9,11 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-import matplotlib
-
-if os.environ.get("MPLBACKEND") is None and "ipykernel" not in os.environ.get("JPY_PARENT_PID", "x"):
-    pass  # notebooks keep their inline backend; scripts set MPLBACKEND=Agg
-import matplotlib.pyplot as plt
+import matplotlib.pyplot as plt  # notebooks keep their inline backend; scripts set MPLBACKEND=Agg
 import numpy as np
 
 
@@ -139,7 +135,7 @@ def _history_rows(history: Any) -> list[dict[str, Any]]:
 
         with open(history) as f:
             history = json.load(f)
-    if isinstance(history, dict) and "history" in history:
+    if (isinstance(history, dict) and "history" in history) or hasattr(history, "history"):
         history = history["history"]
     if isinstance(history, dict):  # columns -> rows
         n = len(history.get("epoch", []))
@@ -213,10 +209,12 @@ def _first_crop(sample: Any) -> dict[str, Any]:
         raise KeyError(f"sample has no {missing} (keys present: {sorted(sample)}); expected a pre-training crop")
     import torch
 
+    from .datasets import plain_tensor
+
     out = {}
     for k in ("gt_image", "image", "image_2"):
         t = torch.as_tensor(np.asarray(sample[k])) if not isinstance(sample[k], torch.Tensor) else sample[k]
-        t = t.as_tensor() if hasattr(t, "as_tensor") else t  # MetaTensor -> Tensor
+        t = plain_tensor(t)  # MetaTensor -> Tensor
         if t.ndim == 5:  # collated batch: first crop
             t = t[0]
         if t.ndim == 3:
@@ -308,6 +306,13 @@ def label_colormap(num_classes: int = 14):
     return ListedColormap(colours, name="organs")
 
 
+def _label_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+
+
 def _ft_result_parts(result: Any) -> tuple[list[dict[str, Any]], list[float]]:
     """(evaluation rows, per-iteration losses) from ``finetune``'s result dict or a run folder."""
     if isinstance(result, (str, os.PathLike)):
@@ -322,7 +327,7 @@ def _ft_result_parts(result: Any) -> tuple[list[dict[str, Any]], list[float]]:
             with open(loss_csv) as f:
                 losses = [float(r["loss"]) for r in csv.DictReader(f)]
         return rows, losses
-    if isinstance(result, dict):
+    if isinstance(result, dict) or hasattr(result, "history"):  # a result dict or a FinetuneResult
         return list(result.get("history", [])), list(result.get("train_losses", []))
     return list(result), []
 
@@ -346,10 +351,7 @@ def plot_finetune_curves(result: Any, path: str | None = None, title: str | None
             smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
             ax_l.plot(it[w - 1 :], smooth, color="tab:blue", lw=1.8, label=f"moving average ({w})")
         ax_l.legend(frameon=False)
-    ax_l.set_xlabel("iteration")
-    ax_l.set_ylabel("DiceCE loss")
-    ax_l.set_title("training loss")
-    ax_l.grid(alpha=0.3)
+    _label_axes(ax_l, "iteration", "DiceCE loss", "training loss")
     if rows:
         it = [r["iteration"] for r in rows]
         dice = [100 * r["val_mean_dice"] for r in rows]
@@ -361,10 +363,7 @@ def plot_finetune_curves(result: Any, path: str | None = None, title: str | None
         ax_d.annotate(f"best {dice[best]:.1f}%", (it[best], dice[best]), textcoords="offset points", xytext=(0, 8),
                       ha="center", fontsize=9)
         ax_d.legend(frameon=False)
-    ax_d.set_xlabel("iteration")
-    ax_d.set_ylabel("validation Dice (%)")
-    ax_d.set_title("validation (sliding window)")
-    ax_d.grid(alpha=0.3)
+    _label_axes(ax_d, "iteration", "validation Dice (%)", "validation (sliding window)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -411,7 +410,7 @@ def plot_segmentation_slice(
     show = lambda s: s[::-1, :].T  # noqa: E731  (x: patient right -> viewer left; y up with origin=lower)
     cmap = label_colormap(num_classes)
     if names is None:
-        from .finetune import organ_names
+        from .organs import organ_names
 
         names = organ_names(num_classes)
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
@@ -455,7 +454,7 @@ def plot_batch_crops(batch: dict[str, Any], max_crops: int = 4, path: str | None
 
 
 def _compare_stats(results: dict[str, Any], metric: str) -> tuple[list[int], dict[str, list[list[float]]]]:
-    runs = results["runs"] if isinstance(results, dict) else results
+    runs = results["runs"] if isinstance(results, dict) or hasattr(results, "runs") else results
     sizes = sorted({int(r["size"]) for r in runs})
     values: dict[str, list[list[float]]] = {}
     for arm in ("random", "pretrained"):
@@ -503,7 +502,7 @@ def plot_compare_bars(results: dict[str, Any], metric: str = "final", path: str 
 def plot_compare_curves(results: dict[str, Any], path: str | None = None):
     """Validation Dice curves of every comparison run, one panel per training-set size; colour =
     arm, line style = seed."""
-    runs = results["runs"] if isinstance(results, dict) else results
+    runs = results["runs"] if isinstance(results, dict) or hasattr(results, "runs") else results
     sizes = sorted({int(r["size"]) for r in runs})
     seeds = sorted({int(r["seed"]) for r in runs})
     styles = ["-", "--", ":", "-."]

@@ -1,10 +1,11 @@
-"""Self-supervised pre-training loop (single process or DDP under torchrun: the same code).
+"""Self-supervised pre-training (single process or DDP under torchrun: the same code).
 
 ``pretrain(cfg, data_root, json_path, logdir)`` reads and checks the datalist, caches the
 deterministic transforms, trains ``ViTAutoEnc`` on two corrupted views per crop with the
-reference's loss ``r + c * r``, validates on fixed-seed views under ``no_grad``, and writes
-``best_model.pt`` / ``last_model.pt`` (atomically), ``history.json`` / ``history.csv`` and,
-optionally, TensorBoard scalars under ``logdir``.
+reference's loss ``r + c * r`` (one ``ssl_utils.engine.train_step`` per batch), validates on
+fixed-seed views under ``no_grad``, and writes ``best_model.pt`` / ``last_model.pt``
+(atomically), ``history.json`` / ``history.csv`` and, optionally, TensorBoard scalars under
+``logdir``.
 
 Inside a ``torch.distributed`` process group each rank caches only its own shard of the data,
 metrics are all-reduced, and rank 0 alone logs and writes.
@@ -12,48 +13,61 @@ metrics are all-reduced, and rank 0 alone logs and writes.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .config import ARCH_KEYS, get_config
-from .datasets import mix_seed, pretrain_datasets
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ARCH_KEYS, Config, config_differences, get_config
+from .datasets import SeededCacheDataset, mix_seed, plain_tensor, pretrain_datasets
+from .distributed import all_reduce_mean, all_reduce_sum, barrier, is_main, rank, run_on_main, shard, world_size, wrap_ddp
+from .engine import Result, RunState, TrainingDiverged, check_finite, check_weights_finite, setup_run, train_step
+from .io import write_csv, write_json
 from .losses import ssl_loss
-from .models import build_vitautoenc, unwrap_model
-from .runtime import (
-    Precision,
-    all_reduce_mean,
-    all_reduce_sum,
-    amp_dtype,
-    barrier,
-    config_differences,
-    configure_cpu,
-    is_main,
-    lr_lambda,
-    optimizer_kwargs,
-    rank,
-    seed_everything,
-    select_device,
-    world_size,
-    wrap_ddp,
-)
+from .models import build_vitautoenc
+from .runtime import Precision, lr_lambda, optimizer_kwargs
+from .speedups import apply_speedups
+
+__all__ = ["pretrain", "PretrainResult", "ssl_forward", "evaluate_ssl", "TrainingDiverged", "resolve_ssl_data"]
 
 BEST_NAME = "best_model.pt"
 LAST_NAME = "last_model.pt"
+_COUNTERS = ("epoch", "history", "best_val_loss")
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf. The message names the epoch and step."""
+@dataclass
+class PretrainResult(Result):
+    """What ``pretrain`` returns (also readable as ``result["history"]`` etc.)."""
+
+    history: list[dict[str, Any]]
+    best: str  # path of best_model.pt
+    last: str  # path of last_model.pt
+    logdir: str
+    model: nn.Module  # the plain ViTAutoEnc, last weights
+    config: Config
+    last_epoch: int
+    val_dataset: SeededCacheDataset
+    train_dataset: SeededCacheDataset
+    precision: Precision
+
+
+@dataclass
+class _Data:
+    train_ds: SeededCacheDataset
+    val_ds: SeededCacheDataset
+    train_loader: Any
+    val_loader: Any
+    sampler: Any
+    n_train: int
+    n_val: int
 
 
 def resolve_ssl_data(
-    cfg: dict[str, Any], data_root: str | None, json_path: str | None, cohort_root: str = "data/synthetic"
+    cfg: Mapping[str, Any], data_root: str | None, json_path: str | None, cohort_root: str = "data/synthetic"
 ) -> tuple[str, str]:
     """``(data_root, json_path)`` for pre-training; an empty ``data_root`` means the embedded cohort
     (generated under ``cohort_root`` on first use, reused afterwards)."""
@@ -65,46 +79,21 @@ def resolve_ssl_data(
 
     if world_size() > 1:  # one rank generates, the others wait and reuse
         if is_main():
-            info = make_cohort_from_config(cfg, cohort_root)
+            make_cohort_from_config(cfg, cohort_root)
         barrier()
-        if not is_main():
-            info = make_cohort_from_config(cfg, cohort_root, progress=False)
-    else:
-        info = make_cohort_from_config(cfg, cohort_root)
+    info = make_cohort_from_config(cfg, cohort_root, progress=is_main() and world_size() == 1)
     return info["tcia_root"], info["tcia_json"]
 
 
-def shard(entries: list, rank_: int, world: int, seed: int, pad: bool) -> list:
-    """This rank's share of ``entries``: a seeded shuffle split in ``world`` parts; with ``pad``
-    every part has the same length (entries repeated), so every rank runs the same number of steps."""
-    if world == 1:
-        return list(entries)
-    from monai.data import partition_dataset
-
-    entries = list(entries)
-    if len(entries) < world:  # fewer volumes than processes (partition_dataset refuses)
-        if not pad:
-            return entries[rank_:rank_ + 1]  # one each for the first ranks, none for the others
-        entries = [entries[i % len(entries)] for i in range(world)]
-    return partition_dataset(entries, num_partitions=world, shuffle=True, seed=seed, even_divisible=pad)[rank_]
-
-
-def _plain(x: torch.Tensor) -> torch.Tensor:
-    """A plain ``torch.Tensor`` view of a MONAI ``MetaTensor`` (no per-operation metadata tracking
-    through the network: the loop does not need it, and on CPU it costs more than the small ops)."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else x
-
-
 def ssl_forward(
-    model: nn.Module, batch: dict[str, torch.Tensor], cfg: dict[str, Any], precision: Precision, gather: bool = False
+    model: nn.Module, batch: Mapping[str, torch.Tensor], cfg: Mapping[str, Any], precision: Precision, gather: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward pass of both views; returns (total, recon, contrastive, recon_1, recon_2).
 
     The two views go through the network in one batch (``[2B, 1, roi^3]``), which is what the
     reference does in two calls; the result is the same, the kernels are larger.
     """
-    device = precision.device
-    v1, v2, gt = (_plain(batch[k]).to(device, non_blocking=True) for k in ("image", "image_2", "gt_image"))
+    v1, v2, gt = (plain_tensor(batch[k]).to(precision.device, non_blocking=True) for k in ("image", "image_2", "gt_image"))
     n = v1.shape[0]
     with precision.autocast():
         recon, _ = model(torch.cat([v1, v2], dim=0))
@@ -115,9 +104,7 @@ def ssl_forward(
 
 
 @torch.no_grad()
-def evaluate_ssl(
-    model: nn.Module, loader, cfg: dict[str, Any], precision: Precision, epoch: int = 0
-) -> dict[str, float]:
+def evaluate_ssl(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Precision) -> dict[str, float]:
     """Validation on the fixed-seed views: mean L1 reconstruction, contrastive and total loss
     (all-reduced over ranks; each batch weighted by its number of crops). The model's
     train/eval mode is restored afterwards."""
@@ -126,29 +113,15 @@ def evaluate_ssl(
     sums = torch.zeros(4, dtype=torch.float64, device=precision.device)
     for batch in loader:
         total, r, c, _, _ = ssl_forward(model, batch, cfg, precision, gather=False)
-        n = batch["image"].shape[0]
-        sums += torch.stack([r.double() * n, c.double() * n, total.double() * n, torch.tensor(float(n), device=sums.device, dtype=torch.float64)])
+        n = float(batch["image"].shape[0])
+        sums += torch.stack([r.double() * n, c.double() * n, total.double() * n, torch.tensor(n, device=sums.device, dtype=torch.float64)])
     sums = all_reduce_sum(sums)
     model.train(was_training)
     count = max(sums[3].item(), 1.0)
     return {"val_recon": sums[0].item() / count, "val_contrastive": sums[1].item() / count, "val_total": sums[2].item() / count}
 
 
-def _write_history(history: list[dict], logdir: str) -> None:
-    with open(os.path.join(logdir, "history.json.tmp"), "w") as f:
-        json.dump(history, f, indent=1)
-    os.replace(os.path.join(logdir, "history.json.tmp"), os.path.join(logdir, "history.json"))
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    with open(os.path.join(logdir, "history.csv.tmp"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(os.path.join(logdir, "history.csv.tmp"), os.path.join(logdir, "history.csv"))
-
-
-def check_resumable(ckpt: dict[str, Any], cfg: dict[str, Any], path: str) -> None:
+def check_resumable(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: str) -> None:
     """Raise ``CheckpointError`` naming the settings that differ when a checkpoint comes from
     another model configuration."""
     saved = ckpt.get("config") or {}
@@ -157,13 +130,131 @@ def check_resumable(ckpt: dict[str, Any], cfg: dict[str, Any], path: str) -> Non
         raise CheckpointError(f"cannot resume from {path}: it was trained with other settings: " + "; ".join(diffs))
 
 
+def _resume_checkpoint(resume: bool, path: str, cfg: Config, say: Callable[[str], None]) -> dict | None:
+    if not resume:
+        return None
+    if not os.path.exists(path):
+        say(f"resume requested but {path} does not exist: starting from scratch")
+        return None
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, cfg, path)
+    return ckpt
+
+
+def _load_data(cfg: Config, data_root, json_path, cohort_root, skip_bad: bool, progress: bool, say,
+               device: torch.device) -> _Data:
+    """Check every datalist entry (rank 0; the others receive its verdict), shard, cache, loaders."""
+    from monai.data import DataLoader
+    from torch.utils.data import DistributedSampler
+
+    from .data import preflight_datalist
+
+    data_root, json_path = resolve_ssl_data(cfg, data_root, json_path, cohort_root)
+    checked = run_on_main(lambda: preflight_datalist(
+        json_path, data_root, keys=("training", "validation"), window=(cfg["ssl_a_min"], cfg["ssl_a_max"]),
+        skip_bad=skip_bad, progress=progress, log=say,
+    ))
+    rank_, world = rank(), world_size()
+    train_local = shard(checked["training"], rank_, world, cfg["seed"], pad=True)
+    val_local = shard(checked["validation"], rank_, world, cfg["seed"], pad=False)
+    train_ds, val_ds = pretrain_datasets(cfg, train_local, val_local, progress=progress)
+    if world > 1:  # item i of every rank's shard would otherwise get the same crops and holes
+        train_ds.seed = mix_seed(cfg["seed"], rank_)
+    sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=mix_seed(cfg["seed"], rank_))
+    kw = dict(batch_size=cfg["ssl_batch_size"], num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
+    return _Data(train_ds, val_ds, DataLoader(train_ds, sampler=sampler, **kw), DataLoader(val_ds, shuffle=False, **kw),
+                 sampler, len(checked["training"]), len(checked["validation"]))
+
+
+def pretrain_optimizer(model: nn.Module, cfg: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
+    """The reference's Adam (``ssl_lr``, ``ssl_weight_decay``), fused where PyTorch has a kernel."""
+    return torch.optim.Adam(model.parameters(), lr=cfg["ssl_lr"], weight_decay=cfg["ssl_weight_decay"],
+                            **optimizer_kwargs(device))
+
+
+def _build_state(cfg: Config, precision: Precision, steps_per_epoch: int) -> RunState:
+    """ViTAutoEnc (initialised from the seed), Adam, the warm-up / cosine schedule."""
+    torch.manual_seed(cfg["seed"])
+    model = apply_speedups(build_vitautoenc(cfg), cfg, precision.device)
+    optimizer = pretrain_optimizer(model, cfg, precision.device)
+    schedule = lr_lambda(cfg["warmup_epochs"] * steps_per_epoch, cfg["ssl_epochs"] * steps_per_epoch, cfg["cosine"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    counters = {"epoch": 0, "history": [], "best_val_loss": float("inf")}
+    return RunState(model, optimizer, precision, cfg, scheduler, cfg["grad_clip"], counters)
+
+
+def train_epoch(state: RunState, train_model: nn.Module, data: _Data, epoch: int, gather: bool, progress: bool,
+                last_good: str) -> dict[str, Any]:
+    """One epoch of ``train_step``s; returns the epoch's row of the history (all-reduced means).
+    Every source of randomness is a function of (seed, epoch, rank): resumable bitwise."""
+    from tqdm.auto import tqdm
+
+    cfg, dev = state.config, state.precision.device
+    torch.manual_seed(mix_seed(cfg["seed"], epoch, rank()))
+    data.train_ds.set_epoch(epoch)
+    data.sampler.set_epoch(epoch)
+    state.model.train()
+    t0, n_crops, steps = time.perf_counter(), 0, len(data.train_loader)
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    check_every = 1 if dev.type == "cpu" else 10  # a check reads the value on the host: a sync on GPU
+    bar = tqdm(data.train_loader, desc=f"epoch {epoch}/{cfg['ssl_epochs']}", leave=False, disable=not progress)
+    for step, batch in enumerate(bar, start=1):
+        values = train_step(state, lambda: ssl_forward(train_model, batch, cfg, state.precision, gather)[:3])
+        sums += values
+        n_crops += batch["image"].shape[0]
+        if step % check_every == 0 or step == steps:
+            check_finite(values, f"epoch {epoch}, step {step}", last_good)
+            bar.set_postfix(loss=f"{values[0].item():.4f}", lr=f"{state.scheduler.get_last_lr()[0]:.2e}")
+    means = all_reduce_mean(sums / max(steps, 1))
+    check_finite(means, f"epoch {epoch}", last_good)
+    elapsed = time.perf_counter() - t0
+    pairs = all_reduce_sum(torch.tensor(float(n_crops), device=dev)).item()
+    return {
+        "epoch": epoch, "train_total": means[0].item(), "train_recon": means[1].item(),
+        "train_contrastive": means[2].item(), "lr": state.scheduler.get_last_lr()[0],
+        "epoch_time_s": elapsed, "crop_pairs_per_s": pairs / max(elapsed, 1e-9),
+    }
+
+
+def _epoch_message(row: Mapping[str, Any], total: int, is_best: bool) -> str:
+    msg = (
+        f"epoch {row['epoch']}/{total} loss {row['train_total']:.4f} (recon {row['train_recon']:.4f}, "
+        f"contrastive {row['train_contrastive']:.4f}) {row['crop_pairs_per_s']:.1f} crop pairs/s"
+    )
+    if "val_recon" in row:
+        msg += f" | val recon {row['val_recon']:.4f} contrastive {row['val_contrastive']:.4f}" + (" (best)" if is_best else "")
+    return msg
+
+
+def _tensorboard(tensorboard: bool | str, logdir: str):
+    if not tensorboard or not is_main():
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = tensorboard if isinstance(tensorboard, (str, os.PathLike)) else os.path.join(logdir, "tensorboard")
+    return SummaryWriter(log_dir=os.fspath(folder))
+
+
+def _write_epoch(state: RunState, logdir: str, is_best: bool, writer) -> None:
+    """Rank 0: best (when it is), last, the history files and TensorBoard scalars."""
+    paths = [os.path.join(logdir, BEST_NAME)] if is_best else []
+    state.save(*paths, os.path.join(logdir, LAST_NAME))
+    write_json(os.path.join(logdir, "history.json"), state["history"])
+    write_csv(os.path.join(logdir, "history.csv"), state["history"])
+    if writer is not None:
+        row = state["history"][-1]
+        for k, v in row.items():
+            if k != "epoch":
+                writer.add_scalar(k, v, row["epoch"])
+
+
 def pretrain(
-    cfg: dict[str, Any] | str = "demo",
+    cfg: Mapping[str, Any] | str = "demo",
     data_root: str | None = None,
     json_path: str | None = None,
     logdir: str = "runs/ssl",
     resume: bool = False,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     epochs: int | None = None,
     stop_after: int | None = None,
     progress: bool = True,
@@ -174,251 +265,57 @@ def pretrain(
     cohort_root: str = "data/synthetic",
     log: Callable[[str], None] = print,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """Pre-train ``ViTAutoEnc`` with the two-view SSL recipe. Returns ``{"history", "best", "last", ...}``.
+) -> PretrainResult:
+    """Pre-train ``ViTAutoEnc`` with the two-view SSL recipe.
 
-    ``cfg``: a preset name or a config dict. ``epochs`` overrides ``cfg["ssl_epochs"]``.
-    ``stop_after``: stop (as if interrupted) after this epoch; ``resume=True`` continues from
-    ``logdir/last_model.pt`` and ends with the same weights as an uninterrupted run.
+    ``cfg``: a preset name or a config. ``epochs`` / ``num_workers`` override ``ssl_epochs`` /
+    ``num_workers``. ``stop_after``: stop (as if interrupted) after this epoch; ``resume=True``
+    continues from ``logdir/last_model.pt`` and ends with the same weights as an uninterrupted run.
     ``tensorboard``: ``True`` writes scalars under ``logdir/tensorboard``, a path writes them there.
     ``on_epoch_end(epoch, row)``: called on every rank after each epoch's checkpoint is written.
     """
-    cfg = get_config(cfg) if isinstance(cfg, str) else dict(cfg)
-    if epochs is not None:
-        cfg["ssl_epochs"] = int(epochs)
-    if num_workers is not None:
-        cfg["num_workers"] = int(num_workers)
-    rank_, world = rank(), world_size()
-    main = rank_ == 0
-    dev = select_device(device)
-    if dev.type == "cpu":
-        configure_cpu()
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    precision = Precision(dev, amp_dtype(dev, cfg["amp"]))
-    seed_everything(cfg["seed"], cfg.get("deterministic", False))
+    cfg = get_config(cfg, ssl_epochs=epochs, num_workers=num_workers)
+    precision = setup_run(cfg, device)
+    main, say = is_main(), (log if is_main() else (lambda *_: None))
     os.makedirs(logdir, exist_ok=True)
-    last_path, best_path = os.path.join(logdir, LAST_NAME), os.path.join(logdir, BEST_NAME)
-
-    # ---- resume: read and check before any expensive work ----
-    ckpt = None
-    if resume:
-        if os.path.exists(last_path):
-            ckpt = load_checkpoint(last_path)
-            check_resumable(ckpt, cfg, last_path)
-        elif main:
-            log(f"resume requested but {last_path} does not exist: starting from scratch")
-
-    # ---- data: read, check every entry, shard, cache ----
-    from .data import preflight_datalist
-
-    data_root, json_path = resolve_ssl_data(cfg, data_root, json_path, cohort_root)
-    # every file of both keys checked once, every problem listed at once; under DDP rank 0 checks
-    # and the other ranks receive its verdict instead of reading every file again
-    checked, error = None, None
-    if main:
-        try:
-            checked = preflight_datalist(
-                json_path, data_root, keys=("training", "validation"), window=(cfg["ssl_a_min"], cfg["ssl_a_max"]),
-                skip_bad=skip_bad, progress=progress, log=log,
-            )
-        except Exception as exc:
-            if world == 1:
-                raise
-            error = exc
-    if world > 1:
-        import torch.distributed as dist
-
-        shared = [checked, None if error is None else (type(error).__name__, str(error))]
-        dist.broadcast_object_list(shared, src=0)
-        checked, failure = shared
-        if error is not None:
-            raise error
-        if failure is not None:
-            from .data import DatalistError
-
-            raise DatalistError(failure[1]) if failure[0] == "DatalistError" else RuntimeError(failure[1])
-    train_entries, val_entries = checked["training"], checked["validation"]
-    train_local = shard(train_entries, rank_, world, cfg["seed"], pad=True)
-    val_local = shard(val_entries, rank_, world, cfg["seed"], pad=False)
-    train_ds, val_ds = pretrain_datasets(cfg, train_local, val_local, progress=progress and main)
-    if world > 1:  # item i of every rank's shard would otherwise get the same crops and holes
-        train_ds.seed = mix_seed(cfg["seed"], rank_)
-
-    from monai.data import DataLoader
-    from torch.utils.data import DistributedSampler
-
-    sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=mix_seed(cfg["seed"], rank_))
-    nw = int(cfg.get("num_workers", 0))
-    loader_kw = dict(num_workers=nw, pin_memory=dev.type == "cuda", persistent_workers=False)
-    train_loader = DataLoader(train_ds, batch_size=cfg["ssl_batch_size"], sampler=sampler, **loader_kw)
-    val_loader = DataLoader(val_ds, batch_size=cfg["ssl_batch_size"], shuffle=False, **loader_kw)
-
-    # ---- model, optimiser, schedule ----
-    torch.manual_seed(cfg["seed"])
-    model = build_vitautoenc(cfg).to(dev)
-    optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg["ssl_lr"], weight_decay=cfg.get("ssl_weight_decay", 0.0), **optimizer_kwargs(dev)
-    )
-    steps_per_epoch = len(train_loader)
-    total_epochs = int(cfg["ssl_epochs"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg["warmup_epochs"] * steps_per_epoch, total_epochs * steps_per_epoch, cfg["cosine"])
-    )
-    history: list[dict[str, Any]] = []
-    best_val = float("inf")
-    start_epoch = 1
+    last_path = os.path.join(logdir, LAST_NAME)
+    ckpt = _resume_checkpoint(resume, last_path, cfg, say)  # read and checked before any expensive work
+    data = _load_data(cfg, data_root, json_path, cohort_root, skip_bad, progress and main, say, precision.device)
+    state = _build_state(cfg, precision, len(data.train_loader))
     if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scheduler"):
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            precision.scaler.load_state_dict(ckpt["scaler"])
-        history = list(ckpt.get("history", []))
-        best_val = float(ckpt.get("best_val_loss", float("inf")))
-        start_epoch = int(ckpt["epoch"]) + 1
-        restore_rng_state(ckpt.get("rng"))
-        if main:
-            log(f"resumed from {last_path} (epoch {ckpt['epoch']} done); continuing at epoch {start_epoch}")
-
-    train_model: nn.Module = model
-    if cfg.get("compile"):
-        train_model = torch.compile(train_model)
-    train_model = wrap_ddp(train_model, dev)  # DDP inside a process group, else unchanged
-    gather = bool(global_negatives) and world > 1
-
-    writer = None
-    if tensorboard and main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        tb_dir = tensorboard if isinstance(tensorboard, (str, os.PathLike)) else os.path.join(logdir, "tensorboard")
-        writer = SummaryWriter(log_dir=os.fspath(tb_dir))
-
-    if main:
-        log(
-            f"pre-training: preset={cfg.get('preset', 'custom')} world_size={world} device={dev} "
-            f"precision={precision.name} sdpa={cfg.get('sdpa', True)} roi={cfg['roi']} "
-            f"hidden={cfg['hidden_size']} | {len(train_entries)} train / {len(val_entries)} val volumes, "
-            f"{cfg['ssl_batch_size']}x{cfg['ssl_num_samples']} crops per step per rank, "
-            f"{steps_per_epoch} steps per epoch, epochs {start_epoch}..{total_epochs}"
-        )
-
-    from tqdm.auto import tqdm
-
-    def checkpoint_dict(epoch: int) -> dict[str, Any]:
-        return {
-            "state_dict": unwrap_model(model).state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "scheduler": scheduler.state_dict(),
-            "scaler": precision.scaler.state_dict(),
-            "rng": capture_rng_state(),
-            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
-            "history": history,
-            "best_val_loss": best_val,
-        }
-
-    last_epoch = start_epoch - 1
-    for epoch in range(start_epoch, total_epochs + 1):
+        state.restore(ckpt, _COUNTERS)
+        say(f"resumed from {last_path} (epoch {state['epoch']} done); continuing at epoch {state['epoch'] + 1}")
+    train_model = wrap_ddp(torch.compile(state.model) if cfg["compile"] else state.model, precision.device)
+    gather = bool(global_negatives) and world_size() > 1
+    writer = _tensorboard(tensorboard, logdir)
+    total = cfg["ssl_epochs"]
+    say(
+        f"pre-training: preset={cfg['preset']} world_size={world_size()} device={precision.device} "
+        f"precision={precision.name} sdpa={cfg['sdpa']} roi={cfg['roi']} hidden={cfg['hidden_size']} | "
+        f"{data.n_train} train / {data.n_val} val volumes, {cfg['ssl_batch_size']}x{cfg['ssl_num_samples']} crops "
+        f"per step per rank, {len(data.train_loader)} steps per epoch, epochs {state['epoch'] + 1}..{total}"
+    )
+    for epoch in range(state["epoch"] + 1, total + 1):
         if stop_after is not None and epoch > stop_after:
             break
-        # every source of randomness is a function of (seed, epoch, rank): resumable bitwise
-        torch.manual_seed(mix_seed(cfg["seed"], epoch, rank_))
-        train_ds.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        model.train()
-        t0 = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=dev)
-        step_losses = []
-        n_crops = 0
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{total_epochs}", leave=False, disable=not (progress and main))
-        for step, batch in enumerate(bar, start=1):
-            optimizer.zero_grad(set_to_none=True)  # before the forward: the old gradients are not kept alongside the activations
-            total, r, c, _, _ = ssl_forward(train_model, batch, cfg, precision, gather=gather)
-            precision.scaler.scale(total).backward()
-            if cfg.get("grad_clip"):
-                precision.scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            scheduler.step()
-            detached = torch.stack([total.detach(), r.detach(), c.detach()]).double()
-            sums += detached
-            step_losses.append(detached[0])
-            n_crops += batch["image"].shape[0]
-            if dev.type == "cpu" or step % 10 == 0 or step == steps_per_epoch:  # .item() syncs on GPU
-                value = total.item()
-                if value != value or value in (float("inf"), float("-inf")):
-                    raise TrainingDiverged(
-                        f"loss is {value} at epoch {epoch}, step {step}; training stopped. "
-                        f"The last good checkpoint is {last_path if os.path.exists(last_path) else '(none yet)'}; "
-                        "'best' was not overwritten. Try a lower learning rate or amp='off'."
-                    )
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        steps_done = max(len(step_losses), 1)
-        means = all_reduce_mean(sums / steps_done)
-        if not torch.isfinite(means).all():
-            bad = next(i for i, v in enumerate(step_losses, start=1) if not torch.isfinite(v))
-            raise TrainingDiverged(f"loss is not finite at epoch {epoch}, step {bad}; training stopped; 'best' not overwritten")
-        elapsed = time.perf_counter() - t0
-        pairs = all_reduce_sum(torch.tensor(float(n_crops), device=dev)).item()
-        row: dict[str, Any] = {
-            "epoch": epoch,
-            "train_total": means[0].item(),
-            "train_recon": means[1].item(),
-            "train_contrastive": means[2].item(),
-            "lr": scheduler.get_last_lr()[0],
-            "epoch_time_s": elapsed,
-            "crop_pairs_per_s": pairs / max(elapsed, 1e-9),
-        }
+        row = train_epoch(state, train_model, data, epoch, gather, progress and main, last_path)
         is_best = False
-        if epoch % int(cfg["ssl_val_every"]) == 0 or epoch == total_epochs:
-            row.update(evaluate_ssl(model, val_loader, cfg, precision, epoch))
-            if row["val_recon"] < best_val:
-                best_val, is_best = row["val_recon"], True
-        # a diverged model is never saved: validation loss and weights must be finite too
-        bad_val = [k for k in ("val_recon", "val_total") if k in row and not torch.isfinite(torch.tensor(row[k]))]
-        if bad_val or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            what = f"validation loss is {row[bad_val[0]]}" if bad_val else "the weights hold NaN or Inf"
-            raise TrainingDiverged(
-                f"{what} at epoch {epoch}, after step {steps_done}; training stopped before saving. "
-                f"The last good checkpoint is {last_path if os.path.exists(last_path) else '(none yet)'}; "
-                "'best' was not overwritten. Try a lower learning rate or amp='off'."
-            )
-        history.append(row)
-        last_epoch = epoch
+        if epoch % cfg["ssl_val_every"] == 0 or epoch == total:
+            row.update(evaluate_ssl(state.model, data.val_loader, cfg, precision))
+            check_finite(torch.tensor([row["val_recon"], row["val_total"]]), f"epoch {epoch} (validation)",
+                         last_path, what="the validation loss")
+            is_best = row["val_recon"] < state["best_val_loss"]
+            state["best_val_loss"] = min(row["val_recon"], state["best_val_loss"])
+        check_weights_finite(state.model, f"epoch {epoch}", last_path)  # a diverged model is never saved
+        state["history"].append(row)
+        state["epoch"] = epoch
         if main:
-            state = checkpoint_dict(epoch)
-            if is_best:
-                save_checkpoint(state, best_path)
-            save_checkpoint(state, last_path)
-            _write_history(history, logdir)
-            if writer is not None:
-                for k, v in row.items():
-                    if k != "epoch":
-                        writer.add_scalar(k, v, epoch)
-            msg = (
-                f"epoch {epoch}/{total_epochs} loss {row['train_total']:.4f} (recon {row['train_recon']:.4f}, "
-                f"contrastive {row['train_contrastive']:.4f}) {row['crop_pairs_per_s']:.1f} crop pairs/s"
-            )
-            if "val_recon" in row:
-                msg += f" | val recon {row['val_recon']:.4f} contrastive {row['val_contrastive']:.4f}" + (" (best)" if is_best else "")
-            log(msg)
+            _write_epoch(state, logdir, is_best, writer)
+            say(_epoch_message(row, total, is_best))
         barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
     if writer is not None:
         writer.close()
-    return {
-        "history": history,
-        "best": best_path,
-        "last": last_path,
-        "logdir": logdir,
-        "model": model,
-        "config": cfg,
-        "last_epoch": last_epoch,
-        "val_dataset": val_ds,
-        "train_dataset": train_ds,
-        "precision": precision,
-    }
+    return PretrainResult(state["history"], os.path.join(logdir, BEST_NAME), last_path, logdir, state.model, cfg,
+                          state["epoch"], data.val_ds, data.train_ds, precision)

@@ -4,18 +4,36 @@ Full fine-tuning mixes what the pre-training put into the encoder with what the 
 convolutional decoder learns in the same budget. The probe isolates the first: the encoder is
 frozen, a single linear map (a 1x1x1 convolution) turns the patch tokens of layers 3, 6, 9 and 12
 into class logits on the token grid, and trilinear upsampling brings them to the crop size.
-Pre-trained and random encoders get the same head, data and budget.
+Pre-trained and random encoders get the same head, data and budget, and the same training step
+as every other loop (``ssl_utils.engine.train_step``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import Config, get_config
+from .engine import Result, RunState, check_finite, setup_run, train_step
+
 PROBE_LAYERS = (3, 6, 9, 12)
+
+
+@dataclass
+class ProbeResult(Result):
+    """What ``train_probe`` returns (also readable as ``result["curve"]`` etc.)."""
+
+    seed: int
+    arm: str  # "random" or "pre-trained"
+    curve: list[list[float]]  # [iteration, mean Dice]
+    final: dict[str, Any]  # the last evaluation's metrics
+    encoder_unchanged: bool  # the frozen encoder's weights are bitwise what they were
+    transfer: str | None
+    probe: nn.Module
 
 
 class LinearProbe(nn.Module):
@@ -50,7 +68,7 @@ class LinearProbe(nn.Module):
         return F.interpolate(logits, size=size, mode="trilinear", align_corners=False)
 
 
-def build_probe(cfg: dict[str, Any], pretrained_path: str | None, seed: int) -> tuple[LinearProbe, Any]:
+def build_probe(cfg: Mapping[str, Any], pretrained_path: str | None, seed: int) -> tuple[LinearProbe, Any]:
     """A probe on UNETR's ViT (so the encoder is exactly what fine-tuning would start from).
 
     ``pretrained_path=None`` gives a random encoder. The head is initialised from ``seed`` after
@@ -66,8 +84,25 @@ def build_probe(cfg: dict[str, Any], pretrained_path: str | None, seed: int) -> 
     return probe, report
 
 
+def _probe_data(cfg: Config, data_root, json_path, cohort_root, n_train, seed: int):
+    """Training loader (seeded order and crops) and validation loader, after the pre-flight check."""
+    from monai.data import DataLoader
+
+    from .data import preflight_datalist
+    from .datasets import finetune_datasets
+    from .finetune import EpochSampler, resolve_ft_data
+
+    data_root, json_path = resolve_ft_data(cfg, data_root, json_path, cohort_root, n_train)
+    checked = preflight_datalist(json_path, data_root, keys=("training", "validation"), require_label=True,
+                                 num_classes=cfg["out_channels"], window=(cfg["ft_a_min"], cfg["ft_a_max"]), progress=False)
+    train_ds, val_ds = finetune_datasets(cfg, checked["training"], checked["validation"], progress=False)
+    sampler = EpochSampler(len(train_ds), seed)
+    train_loader = DataLoader(train_ds, batch_size=cfg["ft_batch_size"], sampler=sampler, num_workers=0)
+    return train_ds, sampler, train_loader, DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
+
+
 def train_probe(
-    cfg: dict[str, Any],
+    cfg: Mapping[str, Any] | str,
     pretrained_path: str | None,
     seed: int = 0,
     iterations: int | None = None,
@@ -79,84 +114,61 @@ def train_probe(
     device: str | None = None,
     progress: bool = True,
     log=print,
-) -> dict[str, Any]:
+) -> "ProbeResult":
     """Train a linear probe's head on the labeled training volumes and evaluate it like fine-tuning
     (sliding-window inference, Dice per case and organ, averaged over cases).
 
-    Same seed, same data order, crops and head initialisation for both encoders. Returns
-    ``{"curve": [[iteration, mean Dice]], "final": metrics, "encoder_unchanged": bool, ...}``.
+    Same seed, same data order, crops and head initialisation for both encoders. Returns a
+    ``ProbeResult`` (``curve`` [[iteration, mean Dice]], ``final`` metrics, ``encoder_unchanged``).
     """
-    from monai.data import DataLoader
     from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
-    from .data import preflight_datalist
-    from .datasets import finetune_datasets
-    from .finetune import EpochSampler, evaluate, resolve_ft_data
-    from .runtime import Precision, amp_dtype, configure_cpu, select_device
+    from .datasets import mix_seed, plain_tensor
+    from .finetune import evaluate
 
-    cfg = dict(cfg)
-    iterations = int(iterations or cfg.get("probe_iterations", cfg["ft_iterations"]))
-    every = int(eval_every or cfg["ft_eval_every"])
-    dev = select_device(device)
-    if dev.type == "cpu":
-        configure_cpu()
-    precision = Precision(dev, amp_dtype(dev, cfg["amp"]))
-    data_root, json_path = resolve_ft_data(cfg, data_root, json_path, cohort_root, n_train)
-    nc = int(cfg["out_channels"])
-    checked = preflight_datalist(json_path, data_root, keys=("training", "validation"), require_label=True,
-                                 num_classes=nc, window=(cfg["ft_a_min"], cfg["ft_a_max"]), progress=False)
-    train_entries, val_entries = checked["training"], checked["validation"]
-    train_ds, val_ds = finetune_datasets(cfg, train_entries, val_entries, progress=False)
-    sampler = EpochSampler(len(train_ds), seed)
-    train_loader = DataLoader(train_ds, batch_size=int(cfg["ft_batch_size"]), sampler=sampler, num_workers=0)
-    val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
-
+    cfg = get_config(cfg, probe_iterations=iterations, ft_eval_every=eval_every)
+    iterations, every = cfg["probe_iterations"], cfg["ft_eval_every"]
+    precision = setup_run(cfg, device, seed)
+    dev = precision.device
+    train_ds, sampler, train_loader, val_loader = _probe_data(cfg, data_root, json_path, cohort_root, n_train, seed)
     probe, report = build_probe(cfg, pretrained_path, seed)
     probe = probe.to(dev)
     before = {k: v.detach().clone() for k, v in probe.encoder.state_dict().items()}
-    optimizer = torch.optim.Adam(probe.head.parameters(), lr=float(cfg.get("probe_lr", 3e-3)))
+    optimizer = torch.optim.Adam(probe.head.parameters(), lr=cfg["probe_lr"])
+    state = RunState(probe, optimizer, precision, cfg, counters={"iteration": 0})
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(batch) -> torch.Tensor:
+        with precision.autocast():
+            logits = probe(plain_tensor(batch["image"]).to(dev))
+        return loss_fn(logits.float(), plain_tensor(batch["label"]).to(dev))
+
     curve: list[list[float]] = []
     final: dict[str, Any] = {}
-    iteration, epoch = 0, 0
     arm = "pre-trained" if pretrained_path else "random"
     bar = tqdm(total=iterations, desc=f"linear probe ({arm} encoder, seed {seed})", leave=False, disable=not progress)
     probe.train()
-    while iteration < iterations:
+    epoch = 0
+    while state["iteration"] < iterations:
         epoch += 1
         train_ds.set_epoch(epoch)
         sampler.set_epoch(epoch)
-        torch.manual_seed(seed * 1_000_003 + epoch)
+        torch.manual_seed(mix_seed(seed, epoch, 0x9B0B))
         for batch in train_loader:
-            x = batch["image"].to(dev)
-            y = batch["label"].to(dev)
-            with precision.autocast():
-                logits = probe(x)
-            loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            precision.scaler.scale(loss).backward()
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            iteration += 1
+            loss = train_step(state, lambda: forward(batch))
+            state["iteration"] += 1
+            check_finite(loss, f"probe iteration {state['iteration']}")
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if iteration % every == 0 or iteration == iterations:
+            bar.set_postfix(loss=f"{loss[0].item():.4f}")
+            if state["iteration"] % every == 0 or state["iteration"] == iterations:
                 final = evaluate(probe, val_loader, cfg, precision)
-                curve.append([iteration, final["mean_dice"]])
+                curve.append([state["iteration"], final["mean_dice"]])
                 probe.train()
-            if iteration >= iterations:
+            if state["iteration"] >= iterations:
                 break
     bar.close()
     after = probe.encoder.state_dict()
     unchanged = all(torch.equal(before[k], after[k].detach()) for k in before)
     log(f"linear probe ({arm} encoder, seed {seed}): mean Dice {final.get('mean_dice', float('nan')):.4f}")
-    return {
-        "seed": seed,
-        "arm": arm,
-        "curve": curve,
-        "final": final,
-        "encoder_unchanged": unchanged,
-        "transfer": str(report) if report else None,
-        "probe": probe,
-    }
+    return ProbeResult(seed, arm, curve, final, unchanged, str(report) if report else None, probe)

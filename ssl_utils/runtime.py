@@ -1,4 +1,7 @@
-"""Run-time plumbing shared by pre-training and fine-tuning: device, AMP, seeds, schedules, DDP."""
+"""Run-time plumbing shared by every loop: device, CPU model and bf16 support, AMP, seeds, schedules.
+
+Process-group helpers (rank, world size, collectives, shards) are in ``ssl_utils.distributed``.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +14,30 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-
-from .losses import rank as _rank
-from .losses import world_size as _world_size
 
 
 def select_device(device: str | torch.device | None = None) -> torch.device:
-    """The requested device, else CUDA (this process's ``LOCAL_RANK`` GPU) when available, else CPU."""
-    if device is not None and str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
+    """The device a process runs on, chosen in one place.
+
+    ``None`` / ``"auto"``: this process's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU;
+    ``"cuda"`` without an index: this process's GPU; anything else as given. Asking for CUDA where
+    there is none raises ``RuntimeError`` naming the host.
+    """
+    if isinstance(device, torch.device) and device.type != "cuda":
+        return device
+    name = "auto" if device is None else str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        import socket
+
+        raise RuntimeError(f"device {name!r}: CUDA is not available on {socket.gethostname()}")
+    if dev.index is None:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return dev
 
 
 def cpu_model() -> str:
@@ -137,65 +151,3 @@ def lr_lambda(warmup_steps: int, total_steps: int, cosine: bool):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return f
-
-
-def rank() -> int:
-    return _rank()
-
-
-def world_size() -> int:
-    return _world_size()
-
-
-def is_main() -> bool:
-    return _rank() == 0
-
-
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks (identity outside a process group)."""
-    if _world_size() == 1:
-        return values
-    values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / _world_size()
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if _world_size() == 1:
-        return values
-    values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def barrier() -> None:
-    if _world_size() > 1:
-        dist.barrier()
-
-
-def wrap_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``DistributedDataParallel(model)`` inside a process group (one device per process); the
-    model itself outside one.
-
-    ``find_unused_parameters=True``: MONAI's ``TransformerBlock`` registers a ``norm_cross_attn``
-    LayerNorm that gets no gradient without cross-attention; DDP must be told, or it never
-    finishes reducing the bucket that holds them and the ranks' weights drift apart.
-    """
-    if _world_size() == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
-    )
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any], keys) -> list[str]:
-    """Human-readable list of settings that differ between two configs."""
-    out = []
-    for k in keys:
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-            a = list(a) if a is not None else a
-            b = list(b) if b is not None else b
-        if a != b:
-            out.append(f"{k}: checkpoint {a!r}, this run {b!r}")
-    return out

@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .io import write_json, write_text
+
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see the Makefile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -183,15 +185,14 @@ def run_study(
 ) -> dict[str, Any]:
     """Run (or resume) the whole study; returns the dict written to ``out/study.json``."""
     from .config import get_config
-    from .finetune import compare_init, organ_names
+    from .finetune import compare_init
+    from .organs import organ_names
     from .pretrain import pretrain
     from .probe import train_probe
     from .synthetic import make_cohort_from_config
 
     t_start = time.perf_counter()
-    cfg = get_config(preset, **(overrides or {}))
-    if ssl_epochs:
-        cfg["ssl_epochs"] = int(ssl_epochs)
+    cfg = get_config(preset, **{**(overrides or {}), "ssl_epochs": int(ssl_epochs) if ssl_epochs else None})
     os.makedirs(out, exist_ok=True)
     cohort_root = cohort_root or os.path.join(REPO, "data", "synthetic")
     timings: dict[str, float] = {}
@@ -250,7 +251,7 @@ def run_study(
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": _machine(),
         "preset": preset,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()},
+        "config": cfg.to_dict(),
         "seeds": seed_list,
         "train_sizes": sizes,
         "timings_s": timings,
@@ -267,7 +268,7 @@ def run_study(
         f"(pre-training {timings['pretrain_s'] / 60:.0f}, fine-tuning {timings['finetune_s'] / 60:.0f}, "
         f"probe {timings['probe_s'] / 60:.0f}).\n"
         f"Budget: pre-training {cfg['ssl_epochs']} epochs; fine-tuning {cfg['ft_iterations']} iterations "
-        f"(evaluation every {cfg['ft_eval_every']}); probe {cfg.get('probe_iterations')} iterations.\n\n"
+        f"(evaluation every {cfg['ft_eval_every']}); probe {cfg['probe_iterations']} iterations.\n\n"
         "Mean Dice over the 13 organs (%), mean ± sd over seeds; difference = pre-trained − random, paired by "
         "seed, with a 95% paired-t interval. AUC = area under the validation Dice curve divided by its length "
         "(the curve's average height): early convergence shows there first.\n\n"
@@ -277,10 +278,8 @@ def run_study(
         + "\n**Per organ, AUC of the Dice curve (%)**\n\n" + organ_table(records, sizes, organs, "auc")
     )
     result["report"] = report
-    with open(os.path.join(out, "study.json"), "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    with open(os.path.join(out, "study.md"), "w") as f:
-        f.write(report)
+    write_json(os.path.join(out, "study.json"), result)
+    write_text(os.path.join(out, "study.md"), report)
     log(report)
     return result
 

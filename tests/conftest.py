@@ -23,3 +23,18 @@ def smoke_cohort(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("smoke_cohort")
     return make_cohort_from_config(get_config("smoke"), str(root), progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module's tests: the smoke models are tiny, so one thread is as
+    fast as several and does not stall when the CPU is shared. Module-scoped, so module fixtures
+    that train (a reference run compared bitwise with a resumed one) run under it too; restores the
+    thread count, and switches off deterministic algorithms (``deterministic=True`` sets them)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(False)

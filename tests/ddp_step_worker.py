@@ -24,7 +24,8 @@ from torch import nn
 
 from ssl_utils import build_vitautoenc, get_config
 from ssl_utils.pretrain import ssl_forward
-from ssl_utils.runtime import Precision, wrap_ddp
+from ssl_utils.distributed import wrap_ddp
+from ssl_utils.runtime import Precision
 
 CROPS_PER_RANK = 2  # b
 LR = 1e-4  # the paper's learning rate

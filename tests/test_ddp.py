@@ -5,7 +5,9 @@
   UNETR, and leaves identical parameters on both ranks;
 - one DDP step on 2 x b crops with global negatives equals one process on 2b crops (and without
   the gather it does not);
-- a worker killed after epoch 1 under ``--max-restarts 1 ... --resume`` ends in a finished run that
+- DDP runs without ``find_unused_parameters`` (the never-used LayerNorm frozen), ranks bitwise equal;
+- a NaN loss on one rank only stops both ranks with the same ``TrainingDiverged`` message, no hang;
+- a worker killed after epoch 1 (by ``tests/ddp_wrapper.py``'s hook) under ``--max-restarts 1 ... --resume`` ends in a finished run that
   resumed from epoch 1, with the weights of an uninterrupted run.
 """
 
@@ -13,15 +15,21 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "multi_gpu", "mgpu_ssl_train.py")
+WRAPPER = os.path.join(ROOT, "tests", "ddp_wrapper.py")
 WORKER = os.path.join(ROOT, "tests", "ddp_step_worker.py")
+DIVERGE_WORKER = os.path.join(ROOT, "tests", "ddp_diverge_worker.py")
+WRAPPER = os.path.join(ROOT, "tests", "ddp_wrapper.py")  # the script plus test instruments (hooks)
+DIVERGE = os.path.join(ROOT, "tests", "ddp_diverge_worker.py")
 
 pytestmark = pytest.mark.slow
 
@@ -53,8 +61,9 @@ def _explain(proc: subprocess.CompletedProcess) -> str:
 
 
 def _train_args(cohort: dict, logdir: str) -> list[str]:
+    """2 epochs of batch size 1: the smoke cohort's 4 training volumes give 2 steps per epoch per rank."""
     return [
-        "--preset", "smoke", "--epochs", "2", "--global_negatives",
+        "--preset", "smoke", "--epochs", "2", "--batch_size", "1", "--global_negatives",
         "--data_root", cohort["tcia_root"], "--json_path", cohort["tcia_json"], "--logdir_path", logdir,
     ]
 
@@ -76,7 +85,7 @@ def test_help_lists_the_flags():
         "--skip_bad", "--tensorboard", "--val_every", "--temperature", "--device", "torchrun",
     ):
         assert flag in proc.stdout, f"{flag} missing from --help"
-    assert "_crash_at_epoch" not in proc.stdout
+    assert "_crash" not in proc.stdout and "_save_rank" not in proc.stdout  # no test-only flags
 
 
 @pytest.mark.parametrize("cwd", ["", "multi_gpu"])
@@ -104,7 +113,7 @@ def test_default_paths_resolve_from_the_repository(cwd, tmp_path, monkeypatch):
 def ddp_run(smoke_cohort, tmp_path_factory):
     """One uninterrupted 2-process run (2 epochs, global negatives); every rank saves its weights."""
     logdir = str(tmp_path_factory.mktemp("ddp_run"))
-    proc = torchrun(SCRIPT, _train_args(smoke_cohort, logdir) + ["--_save_rank_params"])
+    proc = torchrun(WRAPPER, ["--save-rank-params"] + _train_args(smoke_cohort, logdir))
     assert proc.returncode == 0, _explain(proc)
     return logdir, proc
 
@@ -117,7 +126,10 @@ def test_two_processes_train_and_write_a_checkpoint_unetr_loads(ddp_run):
     with open(os.path.join(logdir, "train.log")) as f:
         lines = f.read().splitlines()
     assert "world_size=2" in lines[0] and "backend=gloo" in lines[0] and "preset=smoke" in lines[0], lines[0]
+    assert lines[1].startswith("joined: ") and "2 process(es) on cpu" in lines[1], lines[1]
+    assert any("2 steps per epoch" in line for line in lines), lines
     assert any(line.startswith("epoch 2/2") for line in lines), lines
+    assert lines[-1].startswith("done: epoch 2 reached"), lines[-1]
     assert proc.stdout.count("world_size=2 backend=gloo") == 1, "only rank 0 logs"
 
     ckpt = torch.load(os.path.join(logdir, "last_model.pt"), weights_only=True)
@@ -130,7 +142,9 @@ def test_two_processes_train_and_write_a_checkpoint_unetr_loads(ddp_run):
     assert torch.equal(unetr.vit.state_dict()[key], torch.load(os.path.join(logdir, "best_model.pt"), weights_only=True)["state_dict"][key])
 
 
-def test_both_ranks_hold_identical_parameters(ddp_run):
+def test_both_ranks_hold_bitwise_identical_parameters(ddp_run):
+    """4 DDP steps without ``find_unused_parameters``: every tensor equal bit for bit on both ranks
+    (gradients are all-reduced, never the weights, so one differing step would persist)."""
     logdir, _ = ddp_run
     p0 = torch.load(os.path.join(logdir, "rank0_params.pt"), weights_only=True)
     p1 = torch.load(os.path.join(logdir, "rank1_params.pt"), weights_only=True)
@@ -138,7 +152,21 @@ def test_both_ranks_hold_identical_parameters(ddp_run):
     different = [k for k in p0 if not torch.equal(p0[k], p1[k])]
     assert not different, f"ranks disagree on {different[:5]}"
     saved = torch.load(os.path.join(logdir, "last_model.pt"), weights_only=True)["state_dict"]
-    assert all(torch.equal(p0[k], saved[k]) for k in p0)
+    assert saved.keys() == p0.keys() and all(torch.equal(p0[k], saved[k]) for k in p0)
+
+    from ssl_utils import build_vitautoenc, get_config
+
+    initial = build_vitautoenc(get_config("smoke")).state_dict()
+    unused = [k for k in initial if ".norm_cross_attn." in k]
+    assert unused, "MONAI's TransformerBlock no longer has norm_cross_attn: revisit freeze_unused"
+    moved = [k for k in p0 if k not in unused and p0[k].is_floating_point() and not torch.equal(p0[k], initial[k])]
+    assert len(moved) > len(p0) // 2, "training changed few weights"
+    for r in (0, 1):
+        with open(os.path.join(logdir, f"rank{r}_ddp.json")) as f:
+            info = json.load(f)
+        assert info["find_unused_parameters"] == [False], info["find_unused_parameters"]
+        assert sorted(info["frozen"]) == sorted(unused), "only the never-used norm_cross_attn is frozen"
+    assert all(torch.equal(p0[k], initial[k]) for k in unused)  # frozen: still at their initial values
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,10 +209,11 @@ def test_ddp_step_with_global_negatives_equals_one_process_on_the_whole_batch(tm
 def test_killed_worker_resumes_from_the_last_checkpoint(smoke_cohort, ddp_run, tmp_path):
     logdir = str(tmp_path / "crash")
     proc = torchrun(
-        SCRIPT, _train_args(smoke_cohort, logdir) + ["--resume", "--_crash_at_epoch", "1"], launcher=("--max-restarts=1",)
+        WRAPPER, ["--crash-at-epoch", "1"] + _train_args(smoke_cohort, logdir) + ["--resume"], launcher=("--max-restarts=1",)
     )
     assert proc.returncode == 0, _explain(proc)
     assert "rank 1: simulated crash after epoch 1" in proc.stderr, _explain(proc)
+    assert os.path.exists(os.path.join(logdir, "crash_rank1_epoch1.marker"))
     with open(os.path.join(logdir, "train.log")) as f:
         log = f.read()
     assert "does not exist: starting from scratch" in log  # the first attempt
@@ -196,3 +225,29 @@ def test_killed_worker_resumes_from_the_last_checkpoint(smoke_cohort, ddp_run, t
     reference = torch.load(os.path.join(ddp_run[0], "last_model.pt"), weights_only=True)["state_dict"]
     worst = max((ckpt["state_dict"][k] - reference[k]).abs().max().item() for k in reference)
     assert worst < 1e-6, f"resumed weights differ from the uninterrupted run by {worst}"
+
+
+# --------------------------------------------------------------------------------------------
+# a NaN loss on one rank: both ranks stop together, with the same message
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(600)
+def test_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(smoke_cohort, tmp_path):
+    timeout = 240
+    t0 = time.monotonic()
+    proc = torchrun(DIVERGE_WORKER, [str(tmp_path), smoke_cohort["tcia_root"], smoke_cohort["tcia_json"]], timeout=timeout)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 0, _explain(proc)
+    assert elapsed < timeout / 2, f"the run took {elapsed:.0f} s: a rank waited for the other"
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert messages[0] == messages[1], messages
+    message = messages[0]
+    assert message.startswith("TrainingDiverged: the loss is not finite"), message
+    # rank 1 alone produced the NaN (4th training forward: epoch 2, step 2); rank 0's loss was finite
+    assert "at epoch 2, step 2 on rank 1 of 2; training stopped" in message, message
+    last = str(tmp_path / "run" / "last_model.pt")
+    assert f"The last good checkpoint is {last};" in message, message
+    ckpt = torch.load(last, weights_only=True)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

@@ -11,13 +11,11 @@ import gzip
 import hashlib
 import json
 import os
-import random
 import shutil
 import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -31,6 +29,7 @@ from ssl_utils.data import DatalistError
 from ssl_utils.pretrain import TrainingDiverged, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; the children set one thread too
 QUIET = dict(progress=False, log=lambda _msg: None)
 
 
@@ -314,99 +313,107 @@ def python(script: str, *args: str, **kw) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-WRITER = """
-import importlib.util, sys, time, torch
-# checkpoint.py alone (stdlib + torch): the process starts in a second, without MONAI
-spec = importlib.util.spec_from_file_location("checkpoint", sys.argv[2])
-checkpoint = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(checkpoint)
-save_checkpoint = checkpoint.save_checkpoint
-path = sys.argv[1]
-tensors = [torch.full((8 * 2**20,), 1.0), torch.full((8 * 2**20,), 2.0)]  # 32 MB each
-step = 0
-while True:  # back-to-back writes: the process is almost always in the middle of one
-    step += 1
-    t = time.perf_counter()
-    save_checkpoint({"step": step, "data": tensors[step % 2]}, path)
-    print(step, time.perf_counter() - t, flush=True)
+# A child blocks (sleeps) right after printing a line that starts with this: the parent kills it
+# on reading the line, so the kill lands at that exact point, every run.
+MARK = "KILL-ME-NOW"
+
+
+def kill_at_marker(proc: subprocess.Popen) -> list[str]:
+    """Read the child's output up to the ``MARK`` line, then SIGKILL the child (blocked there)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith(MARK):
+            break
+    running = proc.poll() is None
+    proc.kill()
+    proc.wait()
+    assert seen and seen[-1].startswith(MARK), "".join(seen) + "\n(the child never reached the kill point)"
+    assert running, "".join(seen) + "\n(the child ended before it could be killed)"
+    assert proc.returncode == -signal.SIGKILL
+    return seen
+
+
+WRITER = f"""
+import sys, time, torch
+from ssl_utils.checkpoint import save_checkpoint
+path, kill_after_bytes = sys.argv[1], int(sys.argv[2])
+MB = 2**18  # float32 values in 1 MiB
+save_checkpoint({{"step": 1, "data": [torch.full((MB,), 1.0) for _ in range(8)]}}, path)
+print("saved 1", flush=True)
+
+real_save = torch.save
+
+class Tap:
+    # passes torch.save's bytes to the checkpoint's temp file; after kill_after_bytes, makes sure
+    # they are in the file, says so and blocks: the kill lands in the middle of the write
+    def __init__(self, f):
+        self.f, self.n = f, 0
+    def write(self, data):
+        out = self.f.write(data)
+        self.n += memoryview(data).nbytes
+        if self.n >= kill_after_bytes:
+            self.f.flush()
+            print("{MARK}", self.n, flush=True)
+            time.sleep(600)
+        return out
+    def flush(self):
+        self.f.flush()
+
+torch.save = lambda obj, f, **kw: real_save(obj, Tap(f), **kw)
+save_checkpoint({{"step": 2, "data": [torch.full((MB,), 2.0) for _ in range(8)]}}, path)
+print("the second write finished: it was never interrupted", flush=True)
 """
 
 
 def test_kill_while_writing_checkpoint_keeps_previous_one(tmp_path):
     path = tmp_path / "ckpt" / "last_model.pt"
-    for attempt in range(4):
-        proc = python(WRITER, str(path), str(ROOT / "ssl_utils" / "checkpoint.py"))
-        try:
-            first = proc.stdout.readline().split()
-            assert first and first[0] == "1", first
-            time.sleep(random.uniform(0.2, 1.0) * float(first[1]))
-            assert proc.poll() is None
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-        stale = list(path.parent.glob("last_model.pt.*.tmp"))
-        if stale:  # killed in the middle of a write
-            break
-    assert stale, "never killed during a write"
+    proc = python(WRITER, str(path), str(3 * 2**20))  # killed after 3 of the 8 MiB of the second write
+    first = proc.stdout.readline()
+    assert first.startswith("saved 1"), first + proc.stdout.read()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    size = path.stat().st_size
+    kill_at_marker(proc)
+    stale = list(path.parent.glob("last_model.pt.*.tmp"))
+    assert len(stale) == 1, "the killed write left no temp file: it did not write where the checkpoint goes"
+    assert 3 * 2**20 <= stale[0].stat().st_size < size  # killed in the middle of the write
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # the previous checkpoint, byte for byte
     ckpt = load_checkpoint(path)
-    assert ckpt["step"] >= 1 and ckpt["data"].numel() == 8 * 2**20
-    assert bool((ckpt["data"] == [1.0, 2.0][ckpt["step"] % 2]).all()), "a checkpoint mixes two writes"
+    assert ckpt["step"] == 1 and all(bool((t == 1.0).all()) and t.numel() == 2**18 for t in ckpt["data"])
     # the next save removes what the killed writer left behind
     save_checkpoint({"step": 0}, path)
     assert not list(path.parent.glob("*.tmp"))
     assert load_checkpoint(path) == {"step": 0}
 
 
-PRETRAIN_RUN = """
-import sys, torch
+PRETRAIN_RUN = f"""
+import sys, time, torch
 torch.set_num_threads(1)
 from ssl_utils import get_config
 from ssl_utils.pretrain import pretrain
 data_root, json_path, logdir, epochs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+def on_epoch_end(epoch, row):  # epoch 1's checkpoint is written: killed here, before epoch 2
+    if epoch == 1:
+        print("{MARK}", flush=True)
+        time.sleep(600)
+
 cfg = get_config("smoke", deterministic=True, warmup_epochs=1, cosine=True)
 pretrain(cfg, data_root, json_path, logdir, epochs=epochs, device="cpu", progress=False,
-         log=lambda m: print(m, flush=True))
+         log=lambda m: print(m, flush=True), on_epoch_end=on_epoch_end)
 """
 
 
-def kill_after(proc: subprocess.Popen, marker: str, delay: float) -> list[str]:
-    """Read the child's output until a line starts with ``marker``, wait ``delay`` s, SIGKILL it."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.startswith(marker):
-            break
-    time.sleep(delay)
-    running = proc.poll() is None
-    proc.kill()
-    proc.wait()
-    assert running, "".join(seen) + "\n(the run ended before it could be killed)"
-    assert proc.returncode == -signal.SIGKILL
-    return seen
-
-
-@pytest.fixture()
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(False)
-
-
-def test_pretraining_killed_and_resumed_matches_uninterrupted_run(smoke_cohort, tmp_path, single_thread):
-    epochs = 4
+def test_pretraining_killed_and_resumed_matches_uninterrupted_run(smoke_cohort, tmp_path):
+    epochs = 3
     args = (smoke_cohort["tcia_root"], smoke_cohort["tcia_json"])
     killed = tmp_path / "killed"
-    kill_after(python(PRETRAIN_RUN, *args, str(killed), str(epochs)), "epoch 1/", random.uniform(0.0, 0.8))
-    done = load_checkpoint(killed / "last_model.pt")["epoch"]
-    assert 1 <= done < epochs
+    kill_at_marker(python(PRETRAIN_RUN, *args, str(killed), str(epochs)))
+    assert load_checkpoint(killed / "last_model.pt")["epoch"] == 1
     cfg = get_config("smoke", deterministic=True, warmup_epochs=1, cosine=True)
     lines: list[str] = []
     resumed = pretrain(cfg, *args, str(killed), epochs=epochs, resume=True, device="cpu", progress=False, log=lines.append)
-    assert any(f"continuing at epoch {done + 1}" in line for line in lines), lines
+    assert any("continuing at epoch 2" in line for line in lines), lines
     full = pretrain(cfg, *args, str(tmp_path / "full"), epochs=epochs, device="cpu", **QUIET)
     a = load_checkpoint(resumed["last"])
     b = load_checkpoint(full["last"])
@@ -417,34 +424,40 @@ def test_pretraining_killed_and_resumed_matches_uninterrupted_run(smoke_cohort, 
     assert a["best_val_loss"] == b["best_val_loss"]
 
 
-FINETUNE_RUN = """
-import sys, torch
+FINETUNE_RUN = f"""
+import sys, time, torch
 torch.set_num_threads(1)
 from ssl_utils import get_config
 from ssl_utils.finetune import finetune
 data_root, json_path, logdir, iters = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+
+def log(msg):  # logged after iteration 2's evaluation and checkpoint: killed here, mid-epoch
+    print(msg, flush=True)
+    if msg.startswith("iteration 2/"):
+        print("{MARK}", flush=True)
+        time.sleep(600)
+
 finetune(get_config("smoke", deterministic=True), data_root, json_path, logdir, use_pretrained=False,
-         iterations=iters, eval_every=2, device="cpu", progress=False, save_every_s=0.0,
-         log=lambda m: print(m, flush=True))
+         iterations=iters, eval_every=2, device="cpu", progress=False, save_every_s=0.0, log=log)
 """
 
 
-def test_finetuning_killed_and_resumed_matches_uninterrupted_run(smoke_cohort, tmp_path, single_thread):
+def test_finetuning_killed_and_resumed_matches_uninterrupted_run(smoke_cohort, tmp_path):
     from ssl_utils.finetune import finetune
 
-    iters = 6
-    n = max(smoke_cohort["btcv_json"])  # 3 training volumes: the kill lands inside an epoch
+    iters = 4
+    n = max(smoke_cohort["btcv_json"])  # 3 training volumes: iteration 2 is inside epoch 1
     args = (smoke_cohort["btcv_root"], smoke_cohort["btcv_json"][n])
     killed = tmp_path / "killed"
-    kill_after(python(FINETUNE_RUN, *args, str(killed), str(iters)), "iteration 2/", random.uniform(0.0, 0.8))
-    done = load_checkpoint(killed / "last_model.pt")["iteration"]
-    assert 2 <= done < iters
+    kill_at_marker(python(FINETUNE_RUN, *args, str(killed), str(iters)))
+    ck = load_checkpoint(killed / "last_model.pt")
+    assert (ck["iteration"], ck["epoch"], ck["step_in_epoch"]) == (2, 1, 2)
     cfg = get_config("smoke", deterministic=True)
     kw = dict(use_pretrained=False, iterations=iters, eval_every=2, device="cpu", save_every_s=0.0, **QUIET)
-    resumed = finetune(cfg, *args, str(killed), resume=True, **kw)
+    resumed = finetune(cfg, *args, str(killed), resume=True, **kw)  # crosses into epoch 2
     full = finetune(cfg, *args, str(tmp_path / "full"), **kw)
     a, b = load_checkpoint(resumed["last"]), load_checkpoint(full["last"])
-    assert a["iteration"] == b["iteration"] == iters
+    assert a["iteration"] == b["iteration"] == iters and a["epoch"] == b["epoch"] == 2
     for key, value in b["state_dict"].items():
         assert torch.equal(a["state_dict"][key], value), key
     assert a["train_losses"] == b["train_losses"]
@@ -472,11 +485,38 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(smoke_cohort, good_
     with pytest.raises(TrainingDiverged) as info:
         pretrain(cfg, smoke_cohort["tcia_root"], str(json_path), str(logdir), epochs=2, device="cpu", **QUIET)
     msg = str(info.value)
-    expected = "at epoch 1, step 2" if where == "training step" else "validation loss is nan at epoch 1, after step 1"
+    expected = ("the loss is not finite (NaN or Inf) at epoch 1, step 2;" if where == "training step"
+                else "the validation loss is not finite (NaN or Inf) at epoch 1 (validation);")
     assert expected in msg, msg
-    assert f"last good checkpoint is {logdir / 'last_model.pt'}" in msg and "'best' was not overwritten" in msg
+    assert f"The last good checkpoint is {logdir / 'last_model.pt'};" in msg and "'best' was not overwritten" in msg, msg
     assert snapshot(logdir) == before
     assert load_checkpoint(logdir / "last_model.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("eval_every, expected", [
+    # no evaluation before the step whose loss is not finite
+    (4, "the loss is not finite (NaN or Inf) at iteration 2 (epoch 2);"),
+    # an evaluation right after the step that blew the weights up: NaN outputs (Dice 0, which would
+    # beat any earlier best of a fresh run) must stop the run, not be saved as best or last
+    (1, "the validation output is not finite (NaN or Inf) at iteration 1 (validation);"),
+])
+def test_nonfinite_loss_in_finetuning_stops_and_keeps_best(smoke_cohort, tmp_path, eval_every, expected):
+    from ssl_utils.finetune import finetune
+
+    logdir = logdir_with_sentinel(tmp_path)  # an earlier run's last_model.pt, history.json
+    save_checkpoint({"state_dict": {"w": torch.ones(3)}, "iteration": 9}, logdir / "best_model.pt")
+    before = snapshot(logdir)
+    # AdamW moves every weight by about lr at the first step: the second loss is not finite.
+    # 1 training volume: one iteration per epoch.
+    cfg = get_config("smoke", ft_lr=1e30)
+    with pytest.raises(TrainingDiverged) as info:
+        finetune(cfg, smoke_cohort["btcv_root"], smoke_cohort["btcv_json"][1], str(logdir), use_pretrained=False,
+                 iterations=4, eval_every=eval_every, device="cpu", **QUIET)
+    msg = str(info.value)
+    assert expected in msg, msg
+    assert f"The last good checkpoint is {logdir / 'last_model.pt'};" in msg and "'best' was not overwritten" in msg, msg
+    assert snapshot(logdir) == before  # best_model.pt (and everything else) untouched
+    assert load_checkpoint(logdir / "best_model.pt")["iteration"] == 9
 
 
 DISK_FULL_RUN = """
@@ -532,8 +572,8 @@ def test_resume_from_other_configuration_names_the_settings(smoke_cohort, good_r
     shutil.copytree(good_run, logdir)
     before = snapshot(logdir)
     cfg = get_config("smoke", hidden_size=64, roi=48)
-    with pytest.raises(CheckpointError) as info:
-        pretrain(cfg, smoke_cohort["tcia_root"], smoke_cohort["tcia_json"], str(logdir), resume=True, device="cpu", **QUIET)
+    with pytest.raises(CheckpointError) as info:  # refused before the data is read: these paths do not exist
+        pretrain(cfg, str(tmp_path / "no-data"), str(tmp_path / "no.json"), str(logdir), resume=True, device="cpu", **QUIET)
     msg = str(info.value)
     assert "roi: checkpoint 32, this run 48" in msg and "hidden_size: checkpoint 32, this run 64" in msg, msg
     assert str(logdir / "last_model.pt") in msg

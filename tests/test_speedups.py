@@ -3,39 +3,47 @@ speed is measured by ``benchmarks/run.py``).
 
 - the O(B^2) contrastive loss against MONAI's ``ContrastiveLoss`` (values and gradients, float64);
 - SDPA attention against MONAI's einsum attention (ViTAutoEnc and UNETR outputs and gradients);
-- our ViTAutoEnc (SDPA, contiguous tokens, GELU recomputed in backward) against MONAI's model as
-  the reference builds it, and the activation memory the recomputation saves;
+- ``apply_speedups`` on ViTAutoEnc (SDPA, contiguous tokens, GELU recomputed in backward) against
+  MONAI's plain model, and the activation memory the recomputation saves; the recomputation's
+  gradients under bf16 autocast;
 - both views in one batch (``ssl_forward``) against two separate model calls + MONAI's loss;
 - bf16 autocast against fp32 (close, loose tolerance);
 - UNETR in channels-last 3D layout (``to_channels_last``, ``InstanceNormCL``) against the default
   layout (outputs and gradients, float64 for the norm, float32 for the network);
+- ``apply_speedups`` on an unverified MONAI version: a warning and the plain model;
 - the cached deterministic stage (``SeededCacheDataset``) against a plain ``Dataset`` re-running it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from monai.losses import ContrastiveLoss
 
-from ssl_utils import build_unetr, build_vitautoenc, contrastive_loss, get_config, set_sdpa
+from ssl_utils import build_unetr, build_vitautoenc, contrastive_loss, get_config
 from ssl_utils.pretrain import ssl_forward
 from ssl_utils.runtime import Precision
+from ssl_utils.speedups import (
+    ImageConv3dCL,
+    InstanceNormCL,
+    RecomputeGeluMLP,
+    apply_speedups,
+    recompute_gelu,
+    set_sdpa,
+    speedups_supported,
+    use_channels_last,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster (and steadier on a busy machine) than several."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def _sdpa_flags(model: torch.nn.Module) -> list[bool]:
@@ -84,6 +92,11 @@ def _tiny_cfg(**kw):
     return get_config("smoke", **kw)
 
 
+def _fast(model: torch.nn.Module, **kw) -> torch.nn.Module:
+    """``model`` with the speed-ups of the smoke config (``kw``: other settings), on the CPU."""
+    return apply_speedups(model, _tiny_cfg(**kw), "cpu")
+
+
 @pytest.mark.parametrize(
     "kind, dtype, tol",
     [("vitautoenc", torch.float64, 1e-9), ("unetr", torch.float32, 1e-4)],  # float64 convolutions are slow on CPU
@@ -92,7 +105,9 @@ def test_sdpa_matches_einsum_attention(kind, dtype, tol):
     cfg = _tiny_cfg()
     build = build_vitautoenc if kind == "vitautoenc" else build_unetr
     torch.manual_seed(0)
-    model = build(cfg).to(dtype)
+    model = build(cfg)
+    assert not any(_sdpa_flags(model))  # MONAI's plain model: einsum attention
+    model = _fast(model, channels_last=False).to(dtype)
     assert all(_sdpa_flags(model)) and len(_sdpa_flags(model)) == cfg["num_layers"]  # default: SDPA on
     x = torch.rand(1, 1, cfg["roi"], cfg["roi"], cfg["roi"], generator=torch.Generator().manual_seed(1), dtype=dtype)
 
@@ -132,13 +147,11 @@ def _saved_bytes(fn) -> int:
     return total
 
 
-def test_our_vitautoenc_equals_reference_model_and_stores_less():
-    from ssl_utils.models import RecomputeGeluMLP
-
+def test_sped_up_vitautoenc_equals_plain_model_and_stores_less():
     cfg = _tiny_cfg()
     torch.manual_seed(0)
-    ref = build_vitautoenc(cfg, reference=True).double()
-    ours = build_vitautoenc(cfg).double()
+    ref = build_vitautoenc(cfg).double()
+    ours = _fast(build_vitautoenc(cfg)).double()
     ours.load_state_dict(ref.state_dict())
     assert sum(isinstance(m, RecomputeGeluMLP) for m in ours.modules()) == cfg["num_layers"]
     assert not any(isinstance(m, RecomputeGeluMLP) for m in ref.modules()) and not any(_sdpa_flags(ref))
@@ -165,13 +178,45 @@ def test_our_vitautoenc_equals_reference_model_and_stores_less():
         torch.testing.assert_close(ours(x)[0], o_ref, rtol=1e-9, atol=1e-10)
 
     # the GELU output ([B, tokens, mlp_dim] per block) is no longer stored for the backward pass
-    plain = build_vitautoenc(dict(cfg, recompute_gelu=False)).double()
+    plain = _fast(build_vitautoenc(cfg), recompute_gelu=False).double()
     plain.load_state_dict(ref.state_dict())
     stored_plain = _saved_bytes(lambda: plain(x)[0].sum())
     stored_ours = _saved_bytes(lambda: ours(x)[0].sum())
     tokens = (r // cfg["patch_size"]) ** 3
     gelu_out = cfg["num_layers"] * 3 * tokens * cfg["mlp_dim"] * 8
     assert stored_plain - stored_ours == gelu_out
+
+
+def test_recomputed_gelu_gradients_under_bf16_autocast_match_mlp_block():
+    """Under bf16 autocast (the CPU's mixed precision) the recomputed GELU gives MONAI's
+    ``MLPBlock``'s output and, up to bf16 rounding, its gradients (input and all four parameters,
+    which stay float32)."""
+    from monai.networks.blocks.mlp import MLPBlock
+
+    torch.manual_seed(0)
+    plain = MLPBlock(32, 128, dropout_rate=0.0)
+    ours = copy.deepcopy(plain)
+    assert recompute_gelu(ours) == 1 and isinstance(ours, RecomputeGeluMLP)
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(2, 64, 32, generator=g)
+    weight = torch.randn(2, 64, 32, generator=g)
+    results = []
+    for block in (plain, ours):
+        block.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x)
+        assert out.dtype == torch.bfloat16  # autocast really ran in bf16
+        (out.float() * weight).sum().backward()
+        results.append((out.detach().float(), {"input": x.grad, **_grads(block)}))
+    (o_plain, g_plain), (o_ours, g_ours) = results
+    torch.testing.assert_close(o_ours, o_plain, rtol=1e-2, atol=1e-2 * o_plain.abs().max().item())
+    assert g_ours.keys() == g_plain.keys() == {"input", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
+    for k in g_plain:
+        assert g_ours[k].dtype == g_plain[k].dtype == torch.float32, k
+        assert torch.isfinite(g_ours[k]).all() and g_plain[k].abs().max() > 0, k
+        scale = g_plain[k].abs().max().item()
+        torch.testing.assert_close(g_ours[k], g_plain[k], rtol=2e-2, atol=2e-2 * scale, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,7 +229,7 @@ def test_one_batch_two_view_forward_equals_reference_two_calls():
     calls, ``L1Loss`` and MONAI's ``ContrastiveLoss`` on the flattened reconstructions, ``r + c * r``."""
     cfg = _tiny_cfg()
     torch.manual_seed(0)
-    model = build_vitautoenc(cfg)
+    model = _fast(build_vitautoenc(cfg))
     model.train()
     g = torch.Generator().manual_seed(3)
     r = cfg["roi"]
@@ -230,8 +275,6 @@ def test_one_batch_two_view_forward_equals_reference_two_calls():
 
 @pytest.mark.parametrize("affine", [False, True])
 def test_channels_last_instance_norm_matches_instance_norm(affine):
-    from ssl_utils.models import InstanceNormCL
-
     g = torch.Generator().manual_seed(5)
     x0 = (3 * torch.randn(2, 6, 7, 9, 5, generator=g, dtype=torch.float64) + 1.5)
     dy = torch.randn(x0.shape, generator=g, dtype=torch.float64)
@@ -261,17 +304,15 @@ def test_channels_last_instance_norm_matches_instance_norm(affine):
 
 
 def test_channels_last_unetr_matches_default_layout():
-    """``to_channels_last`` keeps the state dict and gives UNETR's outputs and gradients (float32,
-    so up to rounding); the activations really are channels-last."""
-    from ssl_utils.models import InstanceNormCL, prepare_model, to_channels_last, use_channels_last
-
+    """Channels-last (``apply_speedups`` with ``channels_last="auto"`` on the CPU) keeps the state
+    dict and gives UNETR's outputs and gradients (float32, so up to rounding); the activations
+    really are channels-last."""
     cfg = _tiny_cfg(feature_size=4)
     torch.manual_seed(0)
-    ref = build_unetr(cfg)
-    ours = build_unetr(cfg)
+    ref = _fast(build_unetr(cfg), feature_size=4, channels_last=False)
+    n_norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in ref.modules())
+    ours = _fast(build_unetr(cfg), feature_size=4, channels_last="auto")
     ours.load_state_dict(ref.state_dict())
-    n_norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in ours.modules())
-    to_channels_last(ours)
     assert n_norms > 0 and sum(isinstance(m, InstanceNormCL) for m in ours.modules()) == n_norms
     assert not any(isinstance(m, torch.nn.InstanceNorm3d) for m in ours.modules())
     assert list(ours.state_dict()) == list(ref.state_dict())
@@ -310,8 +351,6 @@ def test_channels_last_unetr_matches_default_layout():
                                    msg=lambda m, k=k: f"{k}: {m}")
 
     # inference (no autograd): in-place norms and the one-pass 1x1x1 projection of the image
-    from ssl_utils.models import ImageConv3dCL
-
     assert sum(isinstance(m, ImageConv3dCL) and m._pointwise() for m in ours.modules()) >= 1
     ref.eval()
     ours.eval()
@@ -320,13 +359,71 @@ def test_channels_last_unetr_matches_default_layout():
         got = ours(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
-    # the setting: "auto" is on for the CPU only; prepare_model applies it
-    assert use_channels_last("auto", "cpu") and not use_channels_last("auto", "cuda")
-    assert use_channels_last(True, "cuda") and not use_channels_last(False, "cpu")
+    # the setting: "auto" is on for the CPU only
+    assert not use_channels_last("auto", "cuda")
     with pytest.raises(ValueError, match="channels_last"):
         use_channels_last("yes", "cpu")
-    plain = prepare_model(build_unetr(cfg), dict(cfg, channels_last=False), "cpu")
-    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in plain.modules())
+
+
+# ------------------------------------------------------------------------------------------------
+# apply_speedups: applying twice, the version guard
+# ------------------------------------------------------------------------------------------------
+
+
+def _unetr_input(cfg) -> torch.Tensor:
+    r = cfg["roi"]
+    return torch.rand(2, 1, r, r, r, generator=torch.Generator().manual_seed(8))
+
+
+def test_apply_speedups_twice_changes_nothing_and_vitautoenc_keeps_its_layout():
+    cfg = _tiny_cfg(feature_size=4, channels_last=True)
+    torch.manual_seed(0)
+    model = apply_speedups(build_unetr(cfg), cfg, "cpu")
+    x = _unetr_input(cfg)
+    with torch.no_grad():
+        once = model(x)
+    modules = [type(m) for m in model.modules()]
+    assert apply_speedups(model, cfg, "cpu") is model
+    assert [type(m) for m in model.modules()] == modules
+    assert len(model.vit.patch_embedding._forward_hooks) == 1  # one contiguous-tokens hook, not two
+    with torch.no_grad():
+        assert torch.equal(model(x), once)
+    # channels-last is for networks with convolutions beyond the patch embedding (UNETR) only
+    vit = apply_speedups(build_vitautoenc(cfg), cfg, "cpu")
+    assert sum(isinstance(m, RecomputeGeluMLP) for m in vit.modules()) == cfg["num_layers"]
+    assert all(p.is_contiguous() for p in vit.parameters())
+
+
+def test_unverified_monai_version_gets_the_plain_model_and_one_warning(monkeypatch):
+    import monai
+
+    ok, _ = speedups_supported()
+    assert ok, "the installed MONAI/torch are the verified ones (else every speed-up test is moot)"
+    ok, message = speedups_supported("0.9.9")
+    assert not ok and "MONAI 0.9.9" in message and "1.6.1" in message
+    ok, message = speedups_supported(torch_version="2.99.0+cpu")
+    assert not ok and "torch 2.99.0" in message and "2.13.x" in message
+
+    monkeypatch.setattr(monai, "__version__", "0.9.9")
+    cfg = _tiny_cfg(feature_size=4, channels_last=True)
+    torch.manual_seed(0)
+    plain = build_unetr(cfg)
+    torch.manual_seed(0)
+    model = build_unetr(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = apply_speedups(model, cfg, "cpu")
+    assert got is model
+    assert len(caught) == 1 and caught[0].category is RuntimeWarning
+    text = str(caught[0].message)
+    assert "MONAI 0.9.9" in text and "1.6.1" in text and "plain MONAI models" in text and "slower" in text
+    # nothing patched: einsum attention, no hook, stored GELU, default layout
+    assert not any(_sdpa_flags(model)) and not model.vit.patch_embedding._forward_hooks
+    assert not any(isinstance(m, (RecomputeGeluMLP, InstanceNormCL, ImageConv3dCL)) for m in model.modules())
+    assert all(p.is_contiguous() for p in model.parameters())
+    x = _unetr_input(cfg)
+    with torch.no_grad():
+        assert torch.equal(model(x), plain(x))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +434,7 @@ def test_channels_last_unetr_matches_default_layout():
 def test_bf16_autocast_forward_close_to_fp32():
     cfg = _tiny_cfg()
     torch.manual_seed(0)
-    model = build_vitautoenc(cfg).eval()
+    model = _fast(build_vitautoenc(cfg)).eval()
     g = torch.Generator().manual_seed(4)
     r = cfg["roi"]
     gt = torch.rand(2, 1, r, r, r, generator=g)
@@ -429,13 +526,19 @@ def test_cached_finetune_items_equal_uncached_dataset(smoke_cohort):
 # ------------------------------------------------------------------------------------------------
 
 
-def test_benchmark_harness_writes_report(tmp_path, capsys):
-    """``benchmarks/run.py`` at tiny sizes, in this process (its memory subprocesses are left out)."""
+def _load_benchmark():
+    """``benchmarks/run.py`` as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "benchmarks", "run.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_harness_writes_report(tmp_path, capsys):
+    """``benchmarks/run.py`` at tiny sizes, in this process (its memory subprocesses are left out)."""
+    bench = _load_benchmark()
     out = tmp_path / "bench"
     report = bench.main(["--quick", "--sections", "loss,attention", "--memory", "none", "--steps", "2",
                          "--warmup", "0", "--device", "cpu", "--out", str(out), "--name", "t"])
@@ -453,3 +556,35 @@ def test_benchmark_harness_writes_report(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="unknown section"):
         bench.main(["--sections", "pretrain,nope", "--out", str(out)])
+
+
+def test_benchmark_ours_runs_the_library_step(tmp_path, monkeypatch):
+    """The "ours" variants time the library itself: every pre-training and fine-tuning step is one
+    ``ssl_utils.engine.train_step`` (the reference variants never call it), and the sliding window
+    is ``ssl_utils.finetune.inference.predict_logits``."""
+    import ssl_utils.engine
+    import ssl_utils.finetune.inference
+    from ssl_utils.runtime import amp_dtype
+
+    calls = {"train_step": 0, "predict_logits": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(ssl_utils.engine, "train_step", counted("train_step", ssl_utils.engine.train_step))
+    monkeypatch.setattr(ssl_utils.finetune.inference, "predict_logits",
+                        counted("predict_logits", ssl_utils.finetune.inference.predict_logits))
+    bench = _load_benchmark()
+    report = bench.main(["--quick", "--sections", "pretrain,finetune,sliding", "--memory", "none", "--steps", "1",
+                         "--warmup", "0", "--sw-steps", "1", "--device", "cpu", "--out", str(tmp_path), "--name", "t"])
+    sec = report["sections"]
+    assert set(sec["pretrain"]["variants"]) == {"reference", "ours", "ours_fp32"}
+    assert set(sec["finetune"]["variants"]) == set(sec["sliding"]["variants"]) == {"reference", "ours"}
+    timed_pretrain = 1 if amp_dtype(torch.device("cpu"), "auto") is None else 2  # "ours" == "ours_fp32" in fp32
+    assert calls == {"train_step": timed_pretrain + 1, "predict_logits": 1}
+    assert all(sec[k]["ratios"]["ours"] > 0 for k in ("pretrain", "finetune", "sliding"))
+    assert {t["key"] for t in report["targets"] if t["measured"] is not None} >= {"finetune_step", "sliding_window"}
+    assert "UNETR fine-tuning step" in (tmp_path / "t.md").read_text()

@@ -54,7 +54,7 @@ def test_paired_t_interval_matches_textbook():
 
 def test_probe_trains_only_its_head(smoke_cohort):
     from ssl_utils import get_config
-    from ssl_utils.probe import train_probe
+    from ssl_utils.probe import build_probe, train_probe
 
     cfg = get_config("smoke")
     res = train_probe(cfg, None, seed=0, iterations=2, eval_every=2,
@@ -62,7 +62,7 @@ def test_probe_trains_only_its_head(smoke_cohort):
     assert res["encoder_unchanged"]
     probe = res["probe"]
     assert all(not p.requires_grad for p in probe.encoder.parameters())
-    fresh, _ = __import__("ssl_utils.probe", fromlist=["build_probe"]).build_probe(cfg, None, seed=0)
+    fresh, _ = build_probe(cfg, None, seed=0)
     # the head moved, the encoder did not
     assert not torch.equal(fresh.head.weight, probe.head.weight.cpu())
     for (k, v), (_, w) in zip(fresh.encoder.state_dict().items(), probe.encoder.state_dict().items()):

@@ -14,8 +14,10 @@ from ssl_utils import (
     build_vitautoenc,
     get_config,
     load_pretrained_vit,
+    strip_prefixes,
 )
 from ssl_utils.checkpoint import CheckpointError, save_checkpoint
+from ssl_utils.speedups import apply_speedups
 
 CFG = get_config("smoke")
 
@@ -46,8 +48,9 @@ def vit_state():
 
 
 def fresh_unetr(seed: int = 0):
+    """A UNETR with every speed-up (channels-last included): weights load into it as into the plain one."""
     torch.manual_seed(seed)
-    return build_unetr(CFG)
+    return apply_speedups(build_unetr(CFG), CFG, "cpu")
 
 
 def assert_all_loaded(unetr, report: TransferReport, source: dict) -> None:
@@ -164,3 +167,15 @@ def test_files_that_are_not_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="missing.pt: file not found"):
         load_pretrained_vit(fresh_unetr(), str(tmp_path / "missing.pt"))
     assert not os.path.exists(tmp_path / "missing.pt")
+
+
+def test_strip_prefixes_removes_ddp_and_compile_prefixes_in_any_order():
+    t = torch.zeros(1)
+    got = strip_prefixes({
+        "module._orig_mod.vit.x": t,
+        "_orig_mod.module.x": t,
+        "module.module.blocks.0.y": t,
+        "vit.module.z": t,  # only leading prefixes go
+    })
+    assert list(got) == ["vit.x", "x", "blocks.0.y", "vit.module.z"]
+    assert all(v is t for v in got.values())

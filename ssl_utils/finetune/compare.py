@@ -1,0 +1,155 @@
+"""Random initialisation against the pre-trained encoder: both arms, paired by seed, every size.
+
+``compare_init`` runs ``finetune`` for every (training-set size, seed, arm) with the same budget
+and writes ``results.json`` (every run, updated after each one) and ``results_table.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+from ..config import get_config
+from ..engine import Result
+from ..io import jsonable, write_json, write_text
+from . import report
+from .loop import finetune
+from .report import ARM_LABELS, ARMS
+
+
+@dataclass
+class CompareResult(Result):
+    """What ``compare_init`` returns; ``to_dict()`` is the content of ``results.json``."""
+
+    runs: list[dict[str, Any]]  # one summary per run: size, seed, arm, n_train, n_val, curve, final, best, per_organ, ...
+    config: dict[str, Any]
+    seeds: list[int]
+    arms: list[str]
+    table: str
+    table_best: str
+    per_organ_table: str
+    paired: dict[int, dict[str, Any]]
+    paired_table: str
+    paths: dict[str, str]
+    time_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def compare_run_dir(logdir: str, size: int, seed: int, arm: str) -> str:
+    """The folder ``compare_init`` uses for one run: ``logdir/n{size}/seed{seed}/{arm}``."""
+    if arm not in ARMS:
+        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
+    return os.path.join(logdir, f"n{int(size)}", f"seed{int(seed)}", arm)
+
+
+def run_summary(res, size: int, seed: int, arm: str, seconds: float) -> dict[str, Any]:
+    """The ``results.json`` entry of one fine-tuning run (``FinetuneResult``)."""
+    history = res.history
+    best_row = max(history, key=lambda r: r["val_mean_dice"]) if history else {}
+    final = res.final or {}
+    return {
+        "size": int(size),
+        "seed": int(seed),
+        "arm": arm,
+        "n_train": int(res.n_train),
+        "n_val": int(res.n_val),
+        "curve": [[int(i), float(d)] for i, d in res.curve],
+        "final": float(final.get("mean_dice", float("nan"))),
+        "final_with_bg": float(final.get("mean_dice_with_bg", float("nan"))),
+        "best": float(best_row.get("val_mean_dice", float("nan"))),
+        "best_iteration": int(best_row.get("iteration", 0)),
+        "per_organ": {k: float(v) for k, v in (final.get("per_organ") or {}).items()},
+        "per_organ_best": {k[5:]: float(v) for k, v in best_row.items() if k.startswith("dice_")},
+        "iterations": int(res.iteration),
+        "logdir": res.logdir,
+        "time_s": float(seconds),
+        "transfer": str(res.transfer) if res.transfer is not None else None,
+    }
+
+
+def _arms(pretrained_path: str | None, log: Callable[[str], None]) -> list[str]:
+    if not pretrained_path:
+        log("no pre-trained checkpoint given: only the random-initialisation arm runs")
+        return ["random"]
+    if not os.path.isfile(str(pretrained_path)):
+        raise FileNotFoundError(
+            f"pre-trained checkpoint {pretrained_path} not found; run ssl_train.ipynb first or pass "
+            "pretrained_path=None to run the random-initialisation arm only"
+        )
+    return ["random", "pretrained"]
+
+
+def compare_init(
+    cfg: Mapping[str, Any] | str,
+    train_sizes: Sequence[int] | None = None,
+    seeds: Sequence[int] | None = None,
+    pretrained_path: str | None = None,
+    data_root: str | None = None,
+    json_template: str | None = None,
+    logdir: str = "runs/compare",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    resume: bool = True,
+    device: str | None = None,
+    cohort_root: str = "data/synthetic",
+) -> CompareResult:
+    """Fine-tune from random initialisation and from the pre-trained encoder, with the same budget,
+    for every training-set size and seed; write ``results.json`` and ``results_table.md`` to
+    ``logdir``.
+
+    ``train_sizes``: numbers of labeled training volumes (default: ``cfg["synth_train_sizes"]``
+    on the embedded cohort, 6/12/24 on real data). ``seeds``: default ``[0, 1]``; with the same
+    seed both arms see the same data order, crops and decoder initialisation. ``pretrained_path``:
+    ``None`` runs the random arm only (the pre-trained column then reads "n/a"); a path that does
+    not exist is an error. Real data: ``data_root`` and ``json_template`` such as
+    ``"json_files/btcv/dataset_0_init_{n}.json"``. With ``resume=True`` (default) a run whose
+    folder already holds a checkpoint with the same settings is continued or, when finished, reused.
+    Dice values in the result are fractions in [0, 1]; the tables show percent.
+    """
+    cfg = get_config(cfg)
+    if data_root and not json_template:
+        raise ValueError("data_root is given but json_template is empty; e.g. json_files/btcv/dataset_0_init_{n}.json")
+    sizes = [int(n) for n in (train_sizes if train_sizes is not None else (6, 12, 24) if data_root else cfg["synth_train_sizes"])]
+    seeds = [0, 1] if seeds is None else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty; give at least one seed")
+    arms = _arms(pretrained_path, log)
+    os.makedirs(logdir, exist_ok=True)
+    plan = [(n, s, arm) for n in sizes for s in seeds for arm in arms]
+    log(f"comparison: {len(plan)} runs ({len(sizes)} training-set sizes x {len(seeds)} seeds x {len(arms)} arms), "
+        f"{cfg['ft_iterations']} iterations each, evaluation every {cfg['ft_eval_every']}")
+    runs: list[dict[str, Any]] = []
+    paths = {"json": os.path.join(logdir, "results.json"), "table": os.path.join(logdir, "results_table.md")}
+    t_all = time.perf_counter()
+    for k, (n, seed, arm) in enumerate(plan, start=1):
+        log(f"[{k}/{len(plan)}] {n} training volumes, seed {seed}, {ARM_LABELS[arm].lower()}")
+        t0 = time.perf_counter()
+        res = finetune(
+            cfg.replace(seed=seed), data_root=data_root, json_path=json_template.format(n=n) if data_root else None,
+            logdir=compare_run_dir(logdir, n, seed, arm), pretrained_path=pretrained_path if arm == "pretrained" else None,
+            use_pretrained=arm == "pretrained", resume="auto" if resume else False, device=device, progress=progress,
+            cohort_root=cohort_root, n_train=n,
+            log=lambda msg: log("    " + msg) if ("resumed" in msg or "new run" in msg) else None,
+        )
+        runs.append(run_summary(res, n, seed, arm, time.perf_counter() - t0))
+        del res
+        s = runs[-1]
+        log(f"    final mean Dice {100 * s['final']:.2f}% (best {100 * s['best']:.2f}% at iteration "
+            f"{s['best_iteration']}) in {s['time_s']:.0f} s")
+        write_json(paths["json"], {"config": cfg, "runs": runs})
+    partial = {"runs": runs, "config": jsonable(cfg), "seeds": seeds, "arms": arms}
+    paired = report.paired_summary(partial, metric="final")
+    results = CompareResult(
+        runs, partial["config"], seeds, arms, report.results_table_markdown(partial, "final"),
+        report.results_table_markdown(partial, "best"), report.per_organ_table_markdown(partial, "final"), paired,
+        report.paired_table_markdown(paired), paths, time.perf_counter() - t_all,
+    )
+    write_json(paths["json"], results)
+    write_text(paths["table"], report.comparison_report_markdown(results))
+    log(f"comparison done in {results.time_s / 60:.1f} min; table in {paths['table']}")
+    return results

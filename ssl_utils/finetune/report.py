@@ -1,0 +1,135 @@
+"""Markdown tables of a comparison: the reference's table, per organ, and the paired differences."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+ARMS = ("random", "pretrained")
+ARM_LABELS = {"random": "Random Init", "pretrained": "Pre-trained"}
+
+def _by_size(results: dict[str, Any], metric: str) -> dict[int, dict[str, dict[int, float]]]:
+    """``{size: {arm: {seed: value}}}`` and the validation counts, from the run list."""
+    if metric not in ("final", "best"):
+        raise ValueError(f"metric must be 'final' or 'best', got {metric!r}")
+    out: dict[int, dict[str, dict[int, float]]] = {}
+    for run in results["runs"]:
+        out.setdefault(int(run["size"]), {a: {} for a in ARMS})[run["arm"]][int(run["seed"])] = float(run[metric])
+    return dict(sorted(out.items()))
+
+
+def _mean_sd(values: Sequence[float], scale: float = 100.0, digits: int = 2, unit: str = "") -> str:
+    v = np.asarray([x for x in values if math.isfinite(x)], dtype=float) * scale
+    if v.size == 0:
+        return "n/a"
+    if v.size == 1:
+        return f"{v[0]:.{digits}f}{unit}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}{unit}"
+
+
+def results_table_markdown(results: dict[str, Any], metric: str = "final") -> str:
+    """The reference's table, one row per training-set size, Dice in % as mean ± sd over seeds::
+
+        | Training Volumes | Validation Volumes | Random Init Dice | Pre-trained Dice | Relative Improvement |
+
+    ``metric``: ``"final"`` (Dice after the full budget) or ``"best"`` (highest Dice over the
+    evaluations, what the reference reports). Relative improvement is computed per seed
+    (pre-trained / random - 1, paired) and then averaged. A missing arm reads "n/a".
+    """
+    n_val = {int(r["size"]): int(r["n_val"]) for r in results["runs"]}
+    lines = [
+        "| Training Volumes | Validation Volumes | Random Init Dice | Pre-trained Dice | Relative Improvement |",
+        "|---|---|---|---|---|",
+    ]
+    for size, arms in _by_size(results, metric).items():
+        rand, pre = arms["random"], arms["pretrained"]
+        paired = [s for s in sorted(rand) if s in pre]
+        rel = [(pre[s] / rand[s] - 1.0) for s in paired if rand[s] > 0]
+        lines.append(
+            f"| {size} | {n_val[size]} | {_mean_sd(list(rand.values()))} | {_mean_sd(list(pre.values()))} | "
+            f"{_mean_sd(rel, unit='%') if rel else 'n/a'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_organ_table_markdown(results: dict[str, Any], metric: str = "final") -> str:
+    """Dice per organ (%, mean over seeds), one column per training-set size and arm."""
+    key = "per_organ" if metric == "final" else "per_organ_best"
+    sizes = sorted({int(r["size"]) for r in results["runs"]})
+    arms = [a for a in ARMS if any(r["arm"] == a for r in results["runs"])]
+    organs: list[str] = []
+    for r in results["runs"]:
+        organs += [o for o in r[key] if o not in organs]
+    header = "| Organ | " + " | ".join(f"{n} vol., {ARM_LABELS[a]}" for n in sizes for a in arms) + " |"
+    lines = [header, "|---|" + "---|" * (len(sizes) * len(arms))]
+    for organ in organs + ["mean (13 organs)"]:
+        cells = []
+        for n in sizes:
+            for a in arms:
+                sel = [r for r in results["runs"] if int(r["size"]) == n and r["arm"] == a]
+                if organ == "mean (13 organs)":
+                    vals = [r[metric] for r in sel]
+                else:
+                    vals = [r[key].get(organ, float("nan")) for r in sel]
+                v = np.asarray([x for x in vals if math.isfinite(x)], dtype=float)
+                cells.append(f"{100 * v.mean():.1f}" if v.size else "n/a")
+        lines.append(f"| {organ} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def paired_summary(results: dict[str, Any], metric: str = "final", level: float = 0.95) -> dict[int, dict[str, Any]]:
+    """Per training-set size, the paired difference pre-trained - random over seeds (Dice
+    fractions): ``ssl_utils.stats.paired_comparison``'s dict plus ``wins`` (seeds where the
+    pre-trained arm is higher). Sizes without both arms are left out."""
+    from ..stats import paired_comparison
+
+    out: dict[int, dict[str, Any]] = {}
+    for size, arms in _by_size(results, metric).items():
+        seeds = [s for s in sorted(arms["random"]) if s in arms["pretrained"]]
+        if not seeds:
+            continue
+        a = [arms["random"][s] for s in seeds]
+        b = [arms["pretrained"][s] for s in seeds]
+        res = paired_comparison(a, b, level=level)
+        res["seeds"] = seeds
+        res["wins"] = int(sum(y > x for x, y in zip(a, b)))
+        out[size] = res
+    return out
+
+
+def paired_table_markdown(paired: dict[int, dict[str, Any]]) -> str:
+    """Markdown table of ``paired_summary``: mean paired difference in Dice points with its
+    t interval, wins out of seeds, and the verdict the interval supports."""
+    if not paired:
+        return "(no paired runs: the pre-trained arm did not run)\n"
+    lines = [
+        "| Training Volumes | Seeds | Pre-trained - Random (Dice points) | 95% CI | Pre-trained higher | Verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, r in paired.items():
+        lo, hi = r["t_ci"]
+        ci = f"[{100 * lo:+.2f}, {100 * hi:+.2f}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a (one seed)"
+        lines.append(
+            f"| {size} | {r['n']} | {100 * r['mean_diff']:+.2f} | {ci} | {r['wins']} of {r['n']} | {r['verdict']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def comparison_report_markdown(results: dict[str, Any]) -> str:
+    """The full Markdown report ``compare_init`` writes: main table (final Dice), the same with
+    the best Dice over evaluations, the paired differences, and the per-organ table."""
+    cfg = results.get("config", {})
+    seeds = results.get("seeds", [])
+    return (
+        f"Validation Dice (%), mean ± sd over {len(seeds)} seed(s) {list(seeds)}, after "
+        f"{cfg.get('ft_iterations', '?')} iterations (preset {cfg.get('preset', 'custom')}).\n\n"
+        + results["table"]
+        + "\nBest Dice over the evaluations (the reference's convention; selected on the validation set):\n\n"
+        + results["table_best"]
+        + "\nPaired by seed (same data order, crops and decoder initialisation):\n\n"
+        + results["paired_table"]
+        + "\nPer organ (%, final, mean over seeds):\n\n"
+        + results["per_organ_table"]
+    )
