@@ -9,18 +9,23 @@
 Sections (``--sections``, comma separated, default all but ``e2e``):
 
 - ``pretrain``: one ViTAutoEnc pre-training step (paper: ViT-B/16 at 96^3, 4 volumes x 2 crops).
-  reference = two model calls (one per view), MONAI ``ContrastiveLoss(0.05)`` on the flattened
-  reconstructions, einsum attention, fp32, plain Adam step; ours = ``ssl_forward`` (both views in
-  one batch), ``ssl_loss``, SDPA, autocast per ``amp_dtype(device, "auto")``; ours_fp32 = the
-  same without autocast.
+  reference = MONAI's plain model (``build_vitautoenc``), two model calls (one per view), MONAI
+  ``ContrastiveLoss(0.05)`` on the flattened reconstructions, fp32, plain Adam step; ours = the
+  library's step: ``ssl_utils.engine.train_step`` on a ``RunState`` of
+  ``apply_speedups(build_vitautoenc(cfg), cfg, device)`` and Adam with ``optimizer_kwargs``,
+  forward ``ssl_forward`` (both views in one batch, ``ssl_loss``, autocast per ``cfg["amp"]``,
+  "auto"); ours_fp32 = the same with ``amp="off"``.
 - ``loss``: the contrastive loss alone (forward + backward) on ``[B, roi^3]``, MONAI against ours.
 - ``attention``: one transformer block (forward + backward), einsum against SDPA attention.
 - ``data``: two-view augmented crops per second from the second epoch on: plain
   ``monai.data.Dataset`` (every volume loaded and resampled every epoch, as the reference does)
   against ``SeededCacheDataset`` (deterministic stage cached), on synthetic CT volumes of a
   realistic size (512 x 512 x 95-135 voxels at about 0.75 x 0.75 x 2.5 mm).
-- ``finetune``: one UNETR step (DiceCE, AdamW), einsum fp32 against SDPA + autocast.
-- ``sliding``: sliding-window inference on one resampled volume (96^3 windows, 4 per batch).
+- ``finetune``: one UNETR step (DiceCE, AdamW): MONAI's plain UNETR in a plain fp32 loop against
+  ``train_step`` on ``apply_speedups(build_unetr(cfg), cfg, device)`` with fused AdamW and the
+  fine-tuning loop's forward (autocast, DiceCE on ``logits.float()``).
+- ``sliding``: sliding-window inference on one resampled volume (96^3 windows, 4 per batch): the
+  plain UNETR against ``ssl_utils.finetune.inference.predict_logits`` on the sped-up one.
 - ``e2e`` (opt-in): ``ssl_utils.pretrain.pretrain`` on a synthetic cohort, crop pairs per second
   per device including data loading, from the second epoch on.
 
@@ -58,15 +63,28 @@ import torch  # noqa: E402
 
 CHILD_TAG = "BENCH_CHILD "
 
-# The performance targets the harness reports against (ratio = reference time / ours).
+# The performance targets the harness reports against (ratio = reference time / ours):
+# key -> (what, comparison, goal, section, the section's entry, variant).
 TARGETS = {
-    "pretrain_step_default": ("pre-training step, ours (default) vs reference", ">=", 4.0),
-    "pretrain_step_fp32": ("pre-training step, ours fp32 vs reference", ">=", 2.0),
-    "pretrain_peak_memory": ("pre-training peak memory, ours / reference", "<=", 0.4),
-    "data_pipeline": ("data pipeline, crops/s ours vs reference", ">=", 10.0),
-    "finetune_step": ("fine-tuning step, ours vs reference", ">=", 1.5),
-    "sliding_window": ("sliding-window inference, ours vs reference", ">=", 1.5),
+    "pretrain_step_default": ("pre-training step, ours (default) vs reference", ">=", 4.0, "pretrain", "ratios", "ours"),
+    "pretrain_step_fp32": ("pre-training step, ours fp32 vs reference", ">=", 2.0, "pretrain", "ratios", "ours_fp32"),
+    "pretrain_peak_memory": ("pre-training peak memory, ours / reference", "<=", 0.4, "pretrain", "memory_ratios", "ours"),
+    "data_pipeline": ("data pipeline, crops/s ours vs reference", ">=", 10.0, "data", "ratios", "ours"),
+    "finetune_step": ("fine-tuning step, ours vs reference", ">=", 1.5, "finetune", "ratios", "ours"),
+    "sliding_window": ("sliding-window inference, ours vs reference", ">=", 1.5, "sliding", "ratios", "ours"),
 }
+
+# The rows of the report's table: (section, baseline variant, variant, what).
+ROWS = (
+    ("pretrain", "reference", "ours", "pre-training step, ours default"),
+    ("pretrain", "reference", "ours_fp32", "pre-training step, ours fp32"),
+    ("pretrain", "reference", "ours_compiled", "pre-training step, ours + torch.compile"),
+    ("loss", "reference", "ours", "contrastive loss alone (fwd+bwd)"),
+    ("attention", "einsum", "sdpa", "one transformer block, einsum -> SDPA (fwd+bwd)"),
+    ("data", "reference", "ours", "data pipeline, two-view crops/s"),
+    ("finetune", "reference", "ours", "UNETR fine-tuning step"),
+    ("sliding", "reference", "ours", "UNETR sliding-window inference"),
+)
 
 ALL_SECTIONS = ("pretrain", "loss", "attention", "data", "finetune", "sliding", "e2e")
 DEFAULT_SECTIONS = ("pretrain", "loss", "attention", "data", "finetune", "sliding")
@@ -186,17 +204,17 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     return s
 
 
-def model_config(s: dict[str, Any], **overrides: Any) -> dict[str, Any]:
-    """A project config (paper preset) with the benchmark's sizes."""
+def model_config(s: dict[str, Any], **overrides: Any) -> Any:
+    """The project's ``Config`` (paper preset) with the benchmark's sizes and ``overrides``
+    (``None`` values are ignored, as ``get_config`` does)."""
     from ssl_utils import get_config
 
-    cfg = get_config(
-        "paper", roi=s["roi"], hidden_size=s["hidden"], mlp_dim=s["mlp"], num_layers=s["layers"],
-        num_heads=s["heads"], ssl_batch_size=s["volumes"], ssl_num_samples=s["crops"],
-        ft_num_samples=s["ft_crops"], feature_size=s["feature_size"], ssl_spacing=tuple(s["ssl_spacing"]),
+    sizes = dict(
+        roi=s["roi"], hidden_size=s["hidden"], mlp_dim=s["mlp"], num_layers=s["layers"], num_heads=s["heads"],
+        ssl_batch_size=s["volumes"], ssl_num_samples=s["crops"], ft_num_samples=s["ft_crops"],
+        feature_size=s["feature_size"], ssl_spacing=tuple(s["ssl_spacing"]),
     )
-    cfg.update(overrides)
-    return cfg
+    return get_config("paper", **{**sizes, **overrides})
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,6 +260,11 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------
 # workloads: each returns a zero-argument callable that runs one step
+#
+# "reference": MONAI's plain model (``build_vitautoenc`` / ``build_unetr``) in a plain loop, as the
+# reference tutorial writes it. "ours": the library itself: ``apply_speedups`` on the same model,
+# a ``RunState`` as ``ssl_utils`` builds it, and ``ssl_utils.engine.train_step`` (pre-training,
+# fine-tuning) or ``ssl_utils.finetune.inference.predict_logits`` (sliding window).
 # ------------------------------------------------------------------------------------------------
 
 
@@ -250,66 +273,108 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _ssl_batch(s: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+def _check_variant(what: str, variant: str, known: tuple[str, ...]) -> None:
+    if variant not in known:
+        raise ValueError(f"unknown {what} variant {variant!r}; expected one of {known}")
+
+
+def _seeded_model(build: Callable, s: dict[str, Any], **overrides: Any) -> tuple[Any, torch.nn.Module]:
+    """``(config, plain MONAI model on the CPU)``, built under the benchmark's seed: every variant
+    starts from the same weights."""
+    cfg = model_config(s, **overrides)
+    torch.manual_seed(s["seed"])
+    return cfg, build(cfg)
+
+
+def _precision(cfg: Any, device: torch.device) -> Any:
+    """The run's ``Precision`` as ``ssl_utils.engine.setup_run`` chooses it (``cfg["amp"]``)."""
+    from ssl_utils.runtime import Precision, amp_dtype
+
+    return Precision(device, amp_dtype(device, cfg["amp"]))
+
+
+def _library_state(model: torch.nn.Module, make_optimizer: Callable, cfg: Any, device: torch.device) -> Any:
+    """A ``RunState`` as the library builds one: ``apply_speedups`` (on the device), the library's
+    optimiser (``pretrain_optimizer`` / ``finetune_optimizer``), the config's precision and clipping."""
+    from ssl_utils.engine import RunState
+    from ssl_utils.speedups import apply_speedups
+
+    model = apply_speedups(model, cfg, device)
+    return RunState(model, make_optimizer(model, cfg, device), _precision(cfg, device), cfg, grad_clip=cfg["grad_clip"])
+
+
+def _library_step(state: Any, forward: Callable[[], Any]) -> Callable[[], None]:
+    """One ``ssl_utils.engine.train_step``, then the loss read on the host (one sync, like the
+    reference's ``loss.item()``)."""
+    from ssl_utils import engine
+
+    def step() -> None:
+        engine.train_step(state, forward)[0].item()
+
+    return step
+
+
+def _ssl_batch(s: dict[str, Any], seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Two masked views and the clean crop, on the CPU (pinned for CUDA): every step copies them over."""
     g = torch.Generator().manual_seed(seed)
     n, r = s["volumes"] * s["crops"], s["roi"]
     gt = torch.rand(n, 1, r, r, r, generator=g)
     v1 = gt * (torch.rand(n, 1, r, r, r, generator=g) > 0.2)
     v2 = gt * (torch.rand(n, 1, r, r, r, generator=g) > 0.2)
-    return {"image": v1, "image_2": v2, "gt_image": gt}
+    batch = {"image": v1, "image_2": v2, "gt_image": gt}
+    return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
+
+
+def _reference_pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], s: dict[str, Any],
+                             device: torch.device) -> Callable[[], None]:
+    """The reference's loop body: one model call per view, MONAI's ContrastiveLoss, plain Adam, fp32."""
+    from monai.losses import ContrastiveLoss
+
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s["ssl_lr"])
+    l1, cl = torch.nn.L1Loss(), ContrastiveLoss(temperature=s["temperature"])
+
+    def step() -> None:
+        v1 = batch["image"].to(device)
+        v2 = batch["image_2"].to(device)
+        gt = batch["gt_image"].to(device)
+        optimizer.zero_grad()
+        out1, _ = model(v1)
+        out2, _ = model(v2)
+        r = l1(out1, gt)
+        c = cl(out1.flatten(start_dim=1), out2.flatten(start_dim=1))
+        total = r + c * r
+        total.backward()
+        optimizer.step()
+        total.item()
+
+    return step
 
 
 def pretrain_workload(variant: str, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
     """One pre-training step (forward both views, loss, backward, Adam step, loss.item())."""
-    from monai.losses import ContrastiveLoss
+    from ssl_utils.models import build_vitautoenc
+    from ssl_utils.pretrain import pretrain_optimizer, ssl_forward
 
-    from ssl_utils.models import build_vitautoenc, set_sdpa
-    from ssl_utils.pretrain import ssl_forward
-    from ssl_utils.runtime import Precision, amp_dtype, optimizer_kwargs
-
-    cfg = model_config(s)
-    torch.manual_seed(s["seed"])
-    # same initial weights for every variant; the reference is MONAI's model as the tutorial builds it
-    model = build_vitautoenc(cfg, reference=variant == "reference").to(device)
-    batch = _ssl_batch(s, s["seed"] + 1)
-    if device.type == "cuda":
-        batch = {k: v.pin_memory() for k, v in batch.items()}
-    # the reference: plain Adam; ours: as ssl_utils.pretrain builds it (fused where available)
-    optimizer = torch.optim.Adam(model.parameters(), lr=s["ssl_lr"],
-                                 **({} if variant == "reference" else optimizer_kwargs(device)))
-
+    _check_variant("pre-training", variant, ("reference", "ours", "ours_fp32", "ours_compiled"))
+    cfg, model = _seeded_model(build_vitautoenc, s, amp="off" if variant == "ours_fp32" else None)
+    batch = _ssl_batch(s, s["seed"] + 1, device)
     if variant == "reference":
-        l1, cl = torch.nn.L1Loss(), ContrastiveLoss(temperature=s["temperature"])
+        return _reference_pretrain_step(model, batch, s, device)
+    state = _library_state(model, pretrain_optimizer, cfg, device)
+    train_model = torch.compile(state.model) if variant == "ours_compiled" else state.model
+    # the forward of ssl_utils.pretrain.train_epoch
+    return _library_step(state, lambda: ssl_forward(train_model, batch, cfg, state.precision)[:3])
 
-        def step() -> None:
-            v1 = batch["image"].to(device)
-            v2 = batch["image_2"].to(device)
-            gt = batch["gt_image"].to(device)
-            optimizer.zero_grad()
-            out1, _ = model(v1)
-            out2, _ = model(v2)
-            r = l1(out1, gt)
-            c = cl(out1.flatten(start_dim=1), out2.flatten(start_dim=1))
-            total = r + c * r
-            total.backward()
-            optimizer.step()
-            total.item()
 
-        return step
+def _backward_step(fn: Callable[[], torch.Tensor], zero: Callable[[], None]) -> Callable[[], None]:
+    """``zero()``, then ``fn()`` and its backward; the loss read on the host."""
 
-    if variant not in ("ours", "ours_fp32", "ours_compiled"):
-        raise ValueError(f"unknown pre-training variant {variant!r}")
-    set_sdpa(model, True)
-    precision = Precision(device, None if variant == "ours_fp32" else amp_dtype(device, "auto"))
-    train_model = torch.compile(model) if variant == "ours_compiled" else model
-
-    def step() -> None:  # the body of ssl_utils.pretrain.pretrain's training loop
-        optimizer.zero_grad(set_to_none=True)
-        total, _, _, _, _ = ssl_forward(train_model, batch, cfg, precision)
-        precision.scaler.scale(total).backward()
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-        total.item()
+    def step() -> None:
+        zero()
+        loss = fn()
+        loss.backward()
+        loss.item()
 
     return step
 
@@ -320,35 +385,30 @@ def loss_workload(variant: str, s: dict[str, Any], device: torch.device) -> Call
 
     from ssl_utils.losses import contrastive_loss
 
+    _check_variant("loss", variant, ("reference", "ours"))
     g = torch.Generator().manual_seed(s["seed"] + 2)
     n, d = s["volumes"] * s["crops"], s["roi"] ** 3
     a = torch.rand(n, d, generator=g).to(device).requires_grad_(True)
     b = torch.rand(n, d, generator=g).to(device).requires_grad_(True)
     if variant == "reference":
-        fn: Callable = ContrastiveLoss(temperature=s["temperature"])
-    elif variant == "ours":
-        def fn(x, y):
-            return contrastive_loss(x, y, temperature=s["temperature"])
+        reference = ContrastiveLoss(temperature=s["temperature"])
+        fn = lambda: reference(a, b)  # noqa: E731
     else:
-        raise ValueError(f"unknown loss variant {variant!r}")
+        fn = lambda: contrastive_loss(a, b, temperature=s["temperature"])  # noqa: E731
 
-    def step() -> None:
+    def zero() -> None:
         a.grad = b.grad = None
-        loss = fn(a, b)
-        loss.backward()
-        loss.item()
 
-    return step
+    return _backward_step(fn, zero)
 
 
 def attention_workload(variant: str, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
     """One ViT transformer block, forward + backward, on ``[2*volumes*crops, tokens, hidden]``."""
     from monai.networks.blocks.transformerblock import TransformerBlock
 
-    from ssl_utils.models import set_sdpa
+    from ssl_utils.speedups import set_sdpa
 
-    if variant not in ("einsum", "sdpa"):
-        raise ValueError(f"unknown attention variant {variant!r}")
+    _check_variant("attention", variant, ("einsum", "sdpa"))
     torch.manual_seed(s["seed"])
     block = TransformerBlock(s["hidden"], s["mlp"], s["heads"]).to(device)
     set_sdpa(block, variant == "sdpa")
@@ -356,33 +416,30 @@ def attention_workload(variant: str, s: dict[str, Any], device: torch.device) ->
     g = torch.Generator().manual_seed(s["seed"] + 3)
     x = torch.randn(2 * s["volumes"] * s["crops"], tokens, s["hidden"], generator=g).to(device).requires_grad_(True)
 
-    def step() -> None:
+    def zero() -> None:
         block.zero_grad(set_to_none=True)
         x.grad = None
-        out = block(x)
-        out.square().mean().backward()
 
-    return step
+    return _backward_step(lambda: block(x).square().mean(), zero)
 
 
 def finetune_workload(variant: str, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
     """One UNETR step on ``ft_crops`` crops: forward, DiceCE, backward, AdamW step, loss.item()."""
     from monai.losses import DiceCELoss
 
-    from ssl_utils.models import build_unetr, prepare_model, set_sdpa
-    from ssl_utils.runtime import Precision, amp_dtype, optimizer_kwargs
+    from ssl_utils.finetune.loop import finetune_optimizer, segmentation_forward
+    from ssl_utils.models import build_unetr
 
-    cfg = model_config(s)
-    torch.manual_seed(s["seed"])
-    model = build_unetr(cfg, reference=variant == "reference").to(device)
+    _check_variant("fine-tuning", variant, ("reference", "ours"))
+    cfg, model = _seeded_model(build_unetr, s)
     g = torch.Generator().manual_seed(s["seed"] + 4)
     r = s["roi"]
     x = torch.rand(s["ft_crops"], 1, r, r, r, generator=g).to(device)
     y = torch.randint(0, s["out_channels"], (s["ft_crops"], 1, r, r, r), generator=g).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s["ft_lr"], weight_decay=s["ft_wd"],
-                                  **({} if variant == "reference" else optimizer_kwargs(device)))
     if variant == "reference":
+        model = model.to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=s["ft_lr"], weight_decay=s["ft_wd"])
 
         def step() -> None:
             logits = model(x)
@@ -393,60 +450,38 @@ def finetune_workload(variant: str, s: dict[str, Any], device: torch.device) -> 
             optimizer.zero_grad()
 
         return step
-    if variant != "ours":
-        raise ValueError(f"unknown fine-tuning variant {variant!r}")
-    set_sdpa(model, True)
-    prepare_model(model, cfg, device)  # channels-last on CPU, as ssl_utils.finetune does
-    precision = Precision(device, amp_dtype(device, "auto"))
-
-    def step() -> None:  # the body of ssl_utils.finetune.finetune's training loop
-        optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            logits = model(x)
-        loss = loss_fn(logits.float(), y)
-        precision.scaler.scale(loss).backward()
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-        loss.item()
-
-    return step
+    state = _library_state(model, finetune_optimizer, cfg, device)
+    batch = {"image": x, "label": y}
+    return _library_step(state, lambda: segmentation_forward(state.model, batch, loss_fn, state.precision))
 
 
 def sliding_workload(variant: str, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
     """Sliding-window inference of UNETR over one ``sw_shape`` volume (roi windows, sw_batch per batch)."""
     from monai.inferers import sliding_window_inference
 
-    from ssl_utils.models import build_unetr, prepare_model, set_sdpa
-    from ssl_utils.runtime import Precision, amp_dtype
+    from ssl_utils.finetune.inference import predict_logits
+    from ssl_utils.models import build_unetr
+    from ssl_utils.runtime import Precision
+    from ssl_utils.speedups import apply_speedups
 
-    cfg = model_config(s)
-    torch.manual_seed(s["seed"])
-    model = build_unetr(cfg, reference=variant == "reference").to(device).eval()
+    _check_variant("sliding-window", variant, ("reference", "ours"))
+    cfg, model = _seeded_model(build_unetr, s)
     g = torch.Generator().manual_seed(s["seed"] + 5)
     vol = torch.rand(1, 1, *s["sw_shape"], generator=g).to(device)
     roi = (s["roi"],) * 3
     window = torch.rand(1, 1, *roi, generator=g).to(device)
     if variant == "reference":
-        with torch.no_grad():  # warm-up: one window (a whole pass is minutes on a CPU)
-            model(window)
-
-        def step() -> None:
-            with torch.no_grad():
-                out = sliding_window_inference(vol, roi, 4, model)
-            out.sum().item()
-
-        return step
-    if variant != "ours":
-        raise ValueError(f"unknown sliding-window variant {variant!r}")
-    set_sdpa(model, True)
-    prepare_model(model, cfg, device)
-    precision = Precision(device, amp_dtype(device, "auto"))
-    with torch.no_grad(), precision.autocast():
+        model, precision = model.to(device).eval(), Precision(device, None)
+        infer = lambda: sliding_window_inference(vol, roi, 4, model)  # noqa: E731
+    else:  # the library's inference: the sliding window of ssl_utils.finetune.evaluate
+        model, precision = apply_speedups(model, cfg, device).eval(), _precision(cfg, device)
+        infer = lambda: predict_logits(model, vol, cfg, precision)  # noqa: E731
+    with torch.no_grad(), precision.autocast():  # warm-up: one window (a whole pass is minutes on a CPU)
         model(window)
 
     def step() -> None:
-        with torch.no_grad(), precision.autocast():
-            out = sliding_window_inference(vol, roi, s["sw_batch"], model, overlap=s["sw_overlap"])
+        with torch.no_grad():
+            out = infer()
         out.sum().item()
 
     return step
@@ -571,14 +606,7 @@ def child_main(args: argparse.Namespace) -> None:
     """Subprocess: build one variant, run ``mem_steps`` steps, print its memory as one JSON line."""
     s = json.loads(args.settings)
     device = torch.device(s["device"])
-    from ssl_utils.runtime import configure_cpu
-
-    if device.type == "cpu":
-        configure_cpu()
-    else:
-        torch.cuda.set_device(device)
-    if s.get("threads"):
-        torch.set_num_threads(int(s["threads"]))
+    configure_device(device, s.get("threads"))
     section, variant = args.child.split(":")
     import monai  # noqa: F401  (imports counted in the baseline, not in the step)
     import ssl_utils  # noqa: F401
@@ -744,21 +772,9 @@ def run_e2e_section(s: dict[str, Any], device: torch.device, args: argparse.Name
 
 
 def check_targets(sections: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
-    measured: dict[str, float | None] = {}
-    p = sections.get("pretrain")
-    if p:
-        measured["pretrain_step_default"] = p["ratios"].get("ours")
-        measured["pretrain_step_fp32"] = p["ratios"].get("ours_fp32")
-        measured["pretrain_peak_memory"] = p.get("memory_ratios", {}).get("ours")
-    if "data" in sections:
-        measured["data_pipeline"] = sections["data"]["ratios"]["ours"]
-    if "finetune" in sections:
-        measured["finetune_step"] = sections["finetune"]["ratios"]["ours"]
-    if "sliding" in sections:
-        measured["sliding_window"] = sections["sliding"]["ratios"]["ours"]
     rows = []
-    for key, (what, op, goal) in TARGETS.items():
-        value = measured.get(key)
+    for key, (what, op, goal, section, entry, variant) in TARGETS.items():
+        value = sections.get(section, {}).get(entry, {}).get(variant)
         met = None if value is None else (value >= goal if op == ">=" else value <= goal)
         rows.append({"key": key, "what": what, "target": f"{op} {goal:g}", "measured": value, "met": met})
     return rows
@@ -768,10 +784,9 @@ def _fmt_s(x: float) -> str:
     return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
 
 
-def markdown(report: dict[str, Any]) -> str:
-    m, sec = report["machine"], report["sections"]
-    dev = "cuda" if str(m["device"]).startswith("cuda") else "cpu"
-    lines = [
+def _header_lines(report: dict[str, Any]) -> list[str]:
+    m = report["machine"]
+    return [
         f"# Benchmark: reference formulation vs ours ({m.get('gpu', m['cpu'])})",
         "",
         f"Command: `{report['command']}`  ",
@@ -788,54 +803,51 @@ def markdown(report: dict[str, Any]) -> str:
         "memory ratio = ours / reference peak (lower is better). Steps = warm-up + timed steps per variant "
         "(sliding window: warm-up is one window per variant).",
         "",
-        "| workload | reference | ours | ratio | paired ratio | steps | memory ref -> ours | memory ratio |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    key = "cuda_peak_mb" if dev == "cuda" else "peak_rss_mb"
 
-    def row(name: str, s: dict[str, Any], base: str, v: str, what: str) -> None:
-        r, o = s["variants"][base], s["variants"][v]
-        mem = mr = "-"
-        if "memory" in r and "memory" in o:
-            mem = f"{r['memory'][key] / 1024:.2f} -> {o['memory'][key] / 1024:.2f} GiB"
-            mr = f"{s['memory_ratios'][v]:.2f}x"
-        if name == "data":
-            ref_s, our_s = f"{r['crops_per_s']:.2f} crops/s", f"{o['crops_per_s']:.1f} crops/s"
-            steps = f"{s['epochs_timed']} epochs"
-        else:
-            ref_s, our_s = _fmt_s(r["median_s"]), _fmt_s(o["median_s"])
-            steps = f"{s['warmup']}+{s['steps']}"
-        lines.append(f"| {what} | {ref_s} | {our_s} | **{s['ratios'][v]:.2f}x** | {s['paired_ratios'][v]:.2f}x | {steps} | {mem} | {mr} |")
 
-    if "pretrain" in sec:
-        p = sec["pretrain"]
-        note = " (= fp32 here)" if p["variants"]["ours"].get("same_as") else ""
-        row("pretrain", p, "reference", "ours", f"pre-training step, ours default{note}")
-        row("pretrain", p, "reference", "ours_fp32", "pre-training step, ours fp32")
-        if "ours_compiled" in p["variants"]:
-            row("pretrain", p, "reference", "ours_compiled", "pre-training step, ours + torch.compile")
-    if "loss" in sec:
-        row("loss", sec["loss"], "reference", "ours", "contrastive loss alone (fwd+bwd)")
-    if "attention" in sec:
-        row("attention", sec["attention"], "einsum", "sdpa", "one transformer block, einsum -> SDPA (fwd+bwd)")
-    if "data" in sec:
-        row("data", sec["data"], "reference", "ours", "data pipeline, two-view crops/s")
-    if "finetune" in sec:
-        row("finetune", sec["finetune"], "reference", "ours", "UNETR fine-tuning step")
-    if "sliding" in sec:
-        row("sliding", sec["sliding"], "reference", "ours", "UNETR sliding-window inference")
+def _table_row(name: str, s: dict[str, Any], base: str, v: str, what: str, key: str) -> str:
+    r, o = s["variants"][base], s["variants"][v]
+    mem = mr = "-"
+    if "memory" in r and "memory" in o:
+        mem = f"{r['memory'][key] / 1024:.2f} -> {o['memory'][key] / 1024:.2f} GiB"
+        mr = f"{s['memory_ratios'][v]:.2f}x"
+    if name == "data":
+        ref_s, our_s = f"{r['crops_per_s']:.2f} crops/s", f"{o['crops_per_s']:.1f} crops/s"
+        steps = f"{s['epochs_timed']} epochs"
+    else:
+        ref_s, our_s = _fmt_s(r["median_s"]), _fmt_s(o["median_s"])
+        steps = f"{s['warmup']}+{s['steps']}"
+    if o.get("same_as"):
+        what += f" (= {o['same_as']} here)"
+    return f"| {what} | {ref_s} | {our_s} | **{s['ratios'][v]:.2f}x** | {s['paired_ratios'][v]:.2f}x | {steps} | {mem} | {mr} |"
+
+
+def _table_lines(sec: dict[str, Any], key: str) -> list[str]:
+    lines = ["| workload | reference | ours | ratio | paired ratio | steps | memory ref -> ours | memory ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, base, v, what in ROWS:
+        if name in sec and v in sec[name]["variants"]:
+            lines.append(_table_row(name, sec[name], base, v, what, key))
     if "e2e" in sec:
         e = sec["e2e"]
         lines += ["", f"End-to-end `pretrain(...)` ({e['precision']}, {e['num_workers']} loader workers, "
                   f"{e['volumes']} volumes): **{e['crop_pairs_per_s']:.2f} crop pairs/s per device** "
                   f"(median of epochs 2..{e['epochs']}; per epoch {[round(x, 2) for x in e['crop_pairs_per_s_per_epoch']]})."]
-    lines += ["", "Targets:", "", "| target | measured | met |", "|---|---|---|"]
-    for t in report["targets"]:
+    return lines
+
+
+def _target_lines(targets: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "Targets:", "", "| target | measured | met |", "|---|---|---|"]
+    for t in targets:
         val = "-" if t["measured"] is None else f"{t['measured']:.2f}"
         met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['what']} {t['target']} | {val} | {met} |")
-    s = report["settings"]
-    lines += [
+    return lines
+
+
+def _sizes_lines(s: dict[str, Any], sec: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         f"Sizes: ViT hidden {s['hidden']}, mlp {s['mlp']}, {s['layers']} layers, {s['heads']} heads, patch {s['patch']}, "
         f"ROI {s['roi']}^3; pre-training {s['volumes']} volumes x {s['crops']} crops (two views each); "
@@ -846,17 +858,19 @@ def markdown(report: dict[str, Any]) -> str:
     if "data" in sec:
         lines.append(f"Data: volumes {sec['data']['volumes']}; our cache fill (once, before epoch 1) took "
                      f"{sec['data']['cache_fill_s']:.1f} s.")
-    lines.append("")
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    sec = report["sections"]
+    key = "cuda_peak_mb" if str(report["machine"]["device"]).startswith("cuda") else "peak_rss_mb"
+    lines = (_header_lines(report) + _table_lines(sec, key) + _target_lines(report["targets"])
+             + _sizes_lines(report["settings"], sec) + [""])
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.child:
-        child_main(args)
-        return {}
-    from ssl_utils.runtime import configure_cpu, select_device
-
+def _sections_and_memory(args: argparse.Namespace) -> tuple[list[str], set[str]]:
+    """The sections to run and those whose peak memory is measured, checked."""
     sections = [x.strip() for x in args.sections.split(",") if x.strip()]
     unknown = [x for x in sections if x not in ALL_SECTIONS]
     if unknown:
@@ -867,23 +881,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bad = memory - set(WORKLOADS)
     if bad:
         raise SystemExit(f"--memory: unknown section(s) {sorted(bad)}; expected a subset of {sorted(WORKLOADS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return sections, memory
+
+
+def configure_device(device: torch.device, threads: int | None) -> None:
+    """Threads; on CPU flush denormals (the whole process, so the reference gets it too); on CUDA
+    make ``device`` current."""
+    from ssl_utils.runtime import configure_cpu
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    if device.type == "cpu":
+        configure_cpu()
+    else:
+        torch.cuda.set_device(device)
+
+
+def write_report(report: dict[str, Any], out: str, name: str) -> None:
+    """``<out>/<name>.json`` and ``.md``; both printed on stdout."""
+    os.makedirs(out, exist_ok=True)
+    md = markdown(report)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=1, default=str)
+        f.write("\n")
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(md)
+    print(json.dumps(report, indent=1, default=str))
+    print()
+    print(md)
+    log(f"wrote {os.path.join(out, name)}.json and .md")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.child:
+        child_main(args)
+        return {}
+    from ssl_utils.runtime import amp_dtype, select_device
+
+    sections, memory = _sections_and_memory(args)
     device = select_device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device.type == "cpu":
-        configure_cpu()  # flush denormals: the whole process, so the reference gets it too
-    else:
-        torch.cuda.set_device(device)
+    configure_device(device, args.threads)
     s = resolve_settings(args)
     s["device"] = str(device)
     s["threads"] = args.threads
     info = machine_info(device)
     log(f"machine: {info['cpu']}, {info['logical_cores']} cores, torch {info['torch']}, MONAI {info['monai']}, "
         f"device {device}, auto precision {info['auto_precision']}")
-    from ssl_utils.runtime import amp_dtype
-
     # where "auto" resolves to fp32 the default and fp32 variants are the same computation: time it once
     same_as = {"ours": "ours_fp32"} if amp_dtype(device, "auto") is None else {}
     t_start = time.perf_counter()
@@ -909,18 +955,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": check_targets(results, device),
         "wall_time_s": time.perf_counter() - t_start,
     }
-    name = args.name or device.type
-    os.makedirs(args.out, exist_ok=True)
-    md = markdown(report)
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(report, f, indent=1, default=str)
-        f.write("\n")
-    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
-        f.write(md)
-    print(json.dumps(report, indent=1, default=str))
-    print()
-    print(md)
-    log(f"wrote {os.path.join(args.out, name)}.json and .md")
+    write_report(report, args.out, args.name or device.type)
     return report
 
 
