@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ssl_utils import build_vitautoenc, get_config
-from ssl_utils.pretrain import ssl_forward
 from ssl_utils.distributed import wrap_ddp
+from ssl_utils.pretrain import ssl_forward
 from ssl_utils.runtime import Precision
 
 CROPS_PER_RANK = 2  # b
