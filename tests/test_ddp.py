@@ -1,21 +1,27 @@
 """The multi-GPU script under real ``torchrun`` processes (gloo on CPU, 2 processes, smoke preset).
 
-- ``--help`` lists the flags; default paths work from the repository root and from multi_gpu/;
-- a 2-process run ends, logs world size and backend first, writes a checkpoint that loads into
-  UNETR, and leaves identical parameters on both ranks;
+- ``--help`` lists the flags (and no test-only ones); default paths work from the repository root
+  and from multi_gpu/; a missing CUDA device is a clear error with exit code 2;
+- a 2-process run (2 epochs of 2 steps) ends, logs world size and backend first, writes a
+  checkpoint that loads into UNETR, and leaves bitwise identical parameters on both ranks, with
+  DDP built without ``find_unused_parameters`` and MONAI's never-used ``norm_cross_attn`` the only
+  frozen parameters;
 - one DDP step on 2 x b crops with global negatives equals one process on 2b crops (and without
   the gather it does not);
-- DDP runs without ``find_unused_parameters`` (the never-used LayerNorm frozen), ranks bitwise equal;
-- a NaN loss on one rank only stops both ranks with the same ``TrainingDiverged`` message, no hang;
-- a worker killed after epoch 1 (by ``tests/ddp_wrapper.py``'s hook) under ``--max-restarts 1 ... --resume`` ends in a finished run that
-  resumed from epoch 1, with the weights of an uninterrupted run.
+- a worker killed after epoch 1 under ``--max-restarts 1 ... --resume`` ends in a finished run that
+  resumed from epoch 1, with the weights of an uninterrupted run;
+- a NaN loss on one rank only stops both ranks at the same step with the same ``TrainingDiverged``
+  message, promptly (no rank left waiting in a collective).
+
+Runs that need test instruments (crash a worker once, save every rank's weights) go through
+``tests/ddp_wrapper.py``, which calls the script's own ``run(args, on_epoch_end=hook)``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,11 +31,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "multi_gpu", "mgpu_ssl_train.py")
-WRAPPER = os.path.join(ROOT, "tests", "ddp_wrapper.py")
+WRAPPER = os.path.join(ROOT, "tests", "ddp_wrapper.py")  # the script plus test instruments (hooks)
 WORKER = os.path.join(ROOT, "tests", "ddp_step_worker.py")
 DIVERGE_WORKER = os.path.join(ROOT, "tests", "ddp_diverge_worker.py")
-WRAPPER = os.path.join(ROOT, "tests", "ddp_wrapper.py")  # the script plus test instruments (hooks)
-DIVERGE = os.path.join(ROOT, "tests", "ddp_diverge_worker.py")
 
 pytestmark = pytest.mark.slow
 
@@ -88,6 +92,18 @@ def test_help_lists_the_flags():
     assert "_crash" not in proc.stdout and "_save_rank" not in proc.stdout  # no test-only flags
 
 
+def test_missing_cuda_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    script = _load(SCRIPT, "mgpu_ssl_train")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    logdir = tmp_path / "run"
+    assert script.main(["--device", "cuda", "--preset", "smoke", "--logdir_path", str(logdir)]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "CUDA is not available" in err, err
+    assert not logdir.exists()  # refused before anything was written
+
+
 @pytest.mark.parametrize("cwd", ["", "multi_gpu"])
 def test_default_paths_resolve_from_the_repository(cwd, tmp_path, monkeypatch):
     script = _load(SCRIPT, "mgpu_ssl_train")
@@ -111,7 +127,8 @@ def test_default_paths_resolve_from_the_repository(cwd, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ddp_run(smoke_cohort, tmp_path_factory):
-    """One uninterrupted 2-process run (2 epochs, global negatives); every rank saves its weights."""
+    """One uninterrupted 2-process run (2 epochs of 2 steps, global negatives); every rank saves its
+    weights and its DDP settings (``ddp_wrapper.py --save-rank-params``)."""
     logdir = str(tmp_path_factory.mktemp("ddp_run"))
     proc = torchrun(WRAPPER, ["--save-rank-params"] + _train_args(smoke_cohort, logdir))
     assert proc.returncode == 0, _explain(proc)
@@ -213,7 +230,8 @@ def test_killed_worker_resumes_from_the_last_checkpoint(smoke_cohort, ddp_run, t
     )
     assert proc.returncode == 0, _explain(proc)
     assert "rank 1: simulated crash after epoch 1" in proc.stderr, _explain(proc)
-    assert os.path.exists(os.path.join(logdir, "crash_rank1_epoch1.marker"))
+    assert os.path.exists(os.path.join(logdir, "crash_rank1_epoch1.marker")), _explain(proc)  # it did crash
+    assert not os.path.exists(os.path.join(logdir, "crash_rank0_epoch1.marker"))
     with open(os.path.join(logdir, "train.log")) as f:
         log = f.read()
     assert "does not exist: starting from scratch" in log  # the first attempt
