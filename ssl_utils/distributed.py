@@ -76,16 +76,14 @@ def shard(entries: Sequence, rank_: int, world: int, seed: int, pad: bool) -> li
     parts may differ by one, and with fewer entries than ranks the last ranks get none.
     """
     entries = list(entries)
-    if world == 1:
+    if world == 1 or not entries:
         return entries
     from monai.data import partition_dataset
 
     if len(entries) < world:  # partition_dataset refuses
         if not pad:
             return entries[rank_:rank_ + 1]
-        entries = [entries[i % len(entries)] for i in range(world)] if entries else []
-        if not entries:
-            return []
+        entries = [entries[i % len(entries)] for i in range(world)]
     return partition_dataset(entries, num_partitions=world, shuffle=True, seed=seed, even_divisible=pad)[rank_]
 
 

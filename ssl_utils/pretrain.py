@@ -77,11 +77,10 @@ def resolve_ssl_data(
         return str(data_root), str(json_path)
     from .synthetic import make_cohort_from_config
 
-    if world_size() > 1:  # one rank generates, the others wait and reuse
-        if is_main():
-            make_cohort_from_config(cfg, cohort_root)
-        barrier()
-    info = make_cohort_from_config(cfg, cohort_root, progress=is_main() and world_size() == 1)
+    info = make_cohort_from_config(cfg, cohort_root) if is_main() else None  # rank 0 generates (or reuses)
+    barrier()
+    if info is None:  # the other ranks wait for it, then reuse its files
+        info = make_cohort_from_config(cfg, cohort_root, progress=False)
     return info["tcia_root"], info["tcia_json"]
 
 

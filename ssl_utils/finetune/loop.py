@@ -210,6 +210,7 @@ class _Loop:
         self.window: list[torch.Tensor] = []  # per-iteration losses since the last evaluation
         self.final: dict[str, Any] | None = None
         self.resume_rng: dict | None = None
+        self.frozen = False  # the encoder's requires_grad state (a fresh model trains everything)
 
     def continue_from(self, ckpt: Mapping[str, Any]) -> None:
         """Position after ``state.restore``: the next epoch, or mid-epoch with the saved RNG."""
@@ -226,8 +227,12 @@ class _Loop:
             del s["train_losses"][-pending:]
 
     def set_frozen(self, frozen: bool) -> None:
+        """Freeze or release the encoder (only when that changes: not a walk over it every step)."""
+        if frozen == self.frozen:
+            return
         for p in self.state.model.vit.parameters():
             p.requires_grad_(not frozen)
+        self.frozen = frozen
 
     def run(self, stop: int) -> None:
         """Iterate up to iteration ``stop`` (evaluating, saving), epoch by epoch."""
