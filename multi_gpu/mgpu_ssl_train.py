@@ -92,8 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--val_every", type=int, default=None, help="validate every this many epochs (paper: 2)")
     g.add_argument("--seed", type=int, default=None, help="random seed (paper: 123)")
     g.add_argument("--deterministic", action="store_true", help="deterministic kernels (slower)")
+    g = p.add_argument_group("downstream signal while training (rank 0 probes, the others wait)")
+    g.add_argument("--probe_every", type=int, default=None, help="every this many epochs, score the encoder with a short linear probe on labeled volumes (default: 0 = off)")
+    g.add_argument("--probe_json", default="", help="labeled datalist for the probe (fits on the first 'training' entries, scores on the next; default: the embedded cohort's)")
+    g.add_argument("--probe_data_root", default="", help="folder --probe_json's paths are relative to (default: the JSON file's folder)")
+    g.add_argument("--select_by", default=None, choices=["val_recon", "probe"], help="best_model.pt: lowest validation L1 (default, the reference) or highest probe Dice")
     g = p.add_argument_group("run")
-    g.add_argument("--amp", default=None, choices=["auto", "bf16", "fp16", "off"], help="mixed precision (default: auto = bf16 where supported, fp16 on older GPUs, off on CPUs without bf16)")
+    g.add_argument("--amp", default=None, choices=["auto", "bf16", "fp16", "off"], help="pre-training's mixed precision (default: the preset's ssl_amp, else its amp: auto = bf16 where supported, fp16 on older GPUs, off on CPUs without bf16; the demo preset pre-trains in fp32)")
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cuda or cpu")
     g.add_argument("--resume", action="store_true", help="continue from <output>/last_model.pt when it exists")
     g.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to <logdir_path>/tensorboard")
@@ -123,12 +128,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--json_path was given without --data_root (the folder its paths are relative to)")
     args.logdir_path = os.path.abspath(os.path.expanduser(args.logdir_path))
     args.output = os.path.abspath(os.path.expanduser(args.output)) if args.output else args.logdir_path
+    if args.probe_json:
+        args.probe_json = input_path(args.probe_json)
+        if not os.path.isfile(args.probe_json):
+            parser.error(f"--probe_json {args.probe_json}: file not found")
+    if args.probe_data_root:
+        args.probe_data_root = input_path(args.probe_data_root)
+    if args.probe_every is not None and args.probe_every < 0:
+        parser.error(f"--probe_every must be 0 or more, got {args.probe_every}")
     if args.warmup_epochs is not None and args.warmup_epochs < 0:
         parser.error(f"--warmup_epochs must be 0 or more, got {args.warmup_epochs}")
     for name in ("epochs", "batch_size", "val_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be at least 1, got {value}")
+    from ssl_utils.config import ConfigError
+
+    try:  # a combination the config refuses (e.g. --select_by probe without --probe_every) fails here
+        make_config(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -224,8 +243,10 @@ def make_config(args: argparse.Namespace):
         ssl_val_every=args.val_every,
         seed=args.seed,
         deterministic=True if args.deterministic else None,
-        amp=args.amp,
+        ssl_amp=args.amp,  # this script only pre-trains: --amp is pre-training's precision
         num_workers=args.num_workers,
+        probe_every=args.probe_every,
+        select_by=args.select_by,
     )
 
 
@@ -302,6 +323,7 @@ def run(args: argparse.Namespace, on_epoch_end: Callable[[int, dict], None] | No
             resume=args.resume, device=device, progress=rank == 0 and sys.stderr.isatty(),
             tensorboard=os.path.join(args.logdir_path, "tensorboard") if args.tensorboard else False,
             skip_bad=args.skip_bad, global_negatives=args.global_negatives,
+            probe_json=args.probe_json or None, probe_data_root=args.probe_data_root or None,
             cohort_root=os.path.join(REPO, "data", "synthetic"), log=log, on_epoch_end=epoch_end,
         )
         log_summary(log, result, run_rows, time.perf_counter() - t0, world_size)

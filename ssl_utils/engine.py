@@ -32,16 +32,18 @@ class TrainingDiverged(RuntimeError):
     """The loss (or the weights) became NaN or Inf. The message names where, and on which rank."""
 
 
-def setup_run(cfg: Mapping[str, Any], device: str | torch.device | None, seed: int | None = None) -> Precision:
+def setup_run(cfg: Mapping[str, Any], device: str | torch.device | None, seed: int | None = None,
+              amp: str | bool | None = None) -> Precision:
     """Choose the device (once: ``select_device``), configure it, seed everything and return the
-    run's ``Precision`` (its ``.device`` is the device)."""
+    run's ``Precision`` (its ``.device`` is the device; its autocast dtype from ``amp``, by default
+    ``cfg["amp"]``)."""
     dev = select_device(device)
     if dev.type == "cpu":
         configure_cpu()
     elif dev.type == "cuda":
         torch.cuda.set_device(dev)
     seed_everything(int(cfg["seed"] if seed is None else seed), bool(cfg["deterministic"]))
-    return Precision(dev, amp_dtype(dev, cfg["amp"]))
+    return Precision(dev, amp_dtype(dev, cfg["amp"] if amp is None else amp))
 
 
 @dataclass
@@ -134,17 +136,21 @@ def train_step(state: RunState, forward: Callable[[], torch.Tensor | Sequence[to
     return torch.stack([v.detach().double().reshape(()) for v in values])
 
 
-def check_finite(values: torch.Tensor, where: str, last_good: str | None = None, what: str = "the loss") -> None:
+def check_finite(values: torch.Tensor, where: str, last_good: str | None = None, what: str = "the loss",
+                 collective: bool = True) -> None:
     """Raise ``TrainingDiverged`` on every rank when ``values`` hold NaN or Inf on any rank.
 
     The decision is the all-reduced count of non-finite values per rank, so all ranks take it
     together (one collective; call it at the same steps on every rank). ``where`` says when
     (e.g. "epoch 3, step 2"); ``last_good`` names the last checkpoint that is still good.
+    ``collective=False``: this process alone decides (for work one rank does while the others
+    wait, such as the probe monitor; a collective there would never be met).
     """
-    world = world_size()
+    world = world_size() if collective else 1
     flags = torch.zeros(world, dtype=torch.float64, device=values.device)
-    flags[rank()] = (~torch.isfinite(values)).sum().double()
-    flags = all_reduce_sum(flags)
+    flags[rank() if collective else 0] = (~torch.isfinite(values)).sum().double()
+    if collective:
+        flags = all_reduce_sum(flags)
     if not bool(flags.any()):
         return
     ranks = [i for i, f in enumerate(flags.tolist()) if f]

@@ -55,7 +55,33 @@ def synthetic_subject(out_dir: str = "figures", preset: str = "demo") -> str:
     return path
 
 
-FIGURES: dict[str, Callable[..., str]] = {"synthetic_subject": synthetic_subject}
+def synthetic_chest(out_dir: str = "figures", preset: str = "demo") -> str:
+    """``synthetic_chest.png``: the first unlabeled (pre-training) volume of the ``preset`` cohort, a
+    chest CT, in a wide window and in the pre-training window, where the lungs go black. Returns
+    the file's path."""
+    from .config import get_config
+    from .plots import plot_ct_windows
+    from .synthetic import _subject_seed, generate_subject
+
+    cfg = get_config(preset)
+    if cfg["synth_unlabeled_kind"] != "chest":
+        raise ValueError(f"preset {preset!r} pre-trains on {cfg['synth_unlabeled_kind']} CT, not chest CT")
+    # volume-synth-0000 of the cohort: unlabeled stream 0, index 0
+    seed = _subject_seed(int(cfg["synth_seed"]), 0, 0)
+    image, _, affine = generate_subject(seed, tuple(cfg["synth_shape"]), tuple(cfg["synth_spacing"]), with_label=False,
+                                        kind="chest")
+    lo, hi = cfg["ssl_a_min"], cfg["ssl_a_max"]
+    path = os.path.join(out_dir, "synthetic_chest.png")
+    plot_ct_windows(
+        image, affine, windows=(("wide window", -1000.0, 400.0), ("pre-training window", lo, hi)),
+        title=f"Unlabeled synthetic chest CT volume-synth-0000 ({preset} cohort, {image.shape} voxels)\nas stored "
+        f"(top) and through the pre-training window [{lo:g}, {hi:g}] HU (bottom): lungs and fat go black",
+        path=path,
+    )
+    return path
+
+
+FIGURES: dict[str, Callable[..., str]] = {"synthetic_subject": synthetic_subject, "synthetic_chest": synthetic_chest}
 
 
 def main(argv: list[str] | None = None) -> None:

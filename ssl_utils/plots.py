@@ -122,6 +122,57 @@ def plot_subject_views(
     return _save(fig, path)
 
 
+def plot_ct_windows(
+    image: np.ndarray,
+    affine: np.ndarray,
+    windows: Sequence[tuple[str, float, float]] = (("wide window", -1000.0, 400.0), ("pre-training window", -57.0, 164.0)),
+    title: str | None = None,
+    path: str | None = None,
+):
+    """An unlabeled CT volume (HU ``[X, Y, Z]`` with its affine) in several HU windows: one row per
+    window, an axial slice through the middle of the volume and a coronal one, in the radiological
+    display (patient's right on the viewer's left, anterior / superior up) on a millimetre scale.
+    ``windows``: ``(name, low HU, high HU)``; values outside a window are clipped to its ends,
+    which is what ``ScaleIntensityRanged(..., clip=True)`` does to the network's input."""
+    image = _volume(image)
+    ras = to_ras(image, affine)
+    vox = _ras_zooms(affine)
+    k, j = ras.shape[2] // 2, ras.shape[1] // 2
+    axial = radiological_axial(ras, k)
+    coronal = ras[::-1, j, :].T[::-1]  # rows superior -> inferior, columns patient right -> left
+    fig, axes = plt.subplots(len(windows), 2, figsize=(9, 4.3 * len(windows)), squeeze=False)
+    for r, (name, lo, hi) in enumerate(windows):
+        for c, (plane, sl, aspect, where) in enumerate((("axial", axial, vox[1] / vox[0], f"slice {k} of {ras.shape[2]}"),
+                                                        ("coronal", coronal, vox[2] / vox[0], f"slice {j} of {ras.shape[1]}"))):
+            ax = axes[r, c]
+            ax.imshow(sl, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{name} [{lo:g}, {hi:g}] HU: {plane} {where}", fontsize=9)
+            marks = ("A", "P") if plane == "axial" else ("S", "I")
+            box = dict(facecolor="black", edgecolor="none", alpha=0.7, pad=1.0)
+            for x, y, text, ha, va in ((0.03, 0.5, "R", "left", "center"), (0.97, 0.5, "L", "right", "center"),
+                                       (0.5, 0.97, marks[0], "center", "top"), (0.5, 0.03, marks[1], "center", "bottom")):
+                ax.text(x, y, text, color="w", transform=ax.transAxes, fontsize=8, weight="bold", ha=ha, va=va, bbox=box)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _ras_zooms(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes (mm) along the RAS-reoriented array axes of ``to_ras``."""
+    import nibabel.orientations as nio
+
+    affine = np.asarray(affine, float)
+    zooms = np.linalg.norm(affine[:3, :3], axis=0)
+    ornt = nio.io_orientation(affine)
+    out = np.empty(3)
+    for axis, (target, _) in enumerate(ornt):
+        out[int(target)] = zooms[axis]
+    return out
+
+
 # ============================================================================================
 # pre-training
 # ============================================================================================
@@ -154,52 +205,99 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarra
     return np.asarray(e, dtype=float), np.asarray(v, dtype=float)
 
 
-def plot_ssl_history(history: Any, path: str | None = None):
-    """Pre-training curves against epoch, three panels: total loss ``r + c*r``, reconstruction L1
-    ``r`` and contrastive loss ``c``; training (every epoch) and validation (fixed views, every
-    ``ssl_val_every`` epochs). Total and L1 are drawn on a log scale.
+_BASELINES = (  # history key, label, colour, line style
+    ("val_const_l1", "predict the crop's mean", "tab:red", "--"),
+    ("val_copy_l1_1", "copy view 1", "tab:purple", ":"),
+    ("val_copy_l1_2", "copy view 2", "tab:brown", ":"),
+)
 
-    ``history``: ``pretrain(...)["history"]`` (a list of per-epoch dicts with ``epoch``,
-    ``train_total``, ``train_recon``, ``train_contrastive`` and, on validation epochs,
-    ``val_total``, ``val_recon``, ``val_contrastive``), the whole result dict, or a path to
-    ``history.json``. Returns the figure; saves it (PNG) when ``path`` is given.
+
+def _plot_recon_panel(ax, rows: list[dict[str, Any]]) -> None:
+    e, v = _series(rows, "train_recon")
+    ax.plot(e, v, "-", color="tab:blue", label="training (view 1)", marker="." if len(e) < 40 else None)
+    for key, label, style in (("val_recon", "validation, view 1", "o-"), ("val_recon_2", "validation, view 2", "s-")):
+        e, v = _series(rows, key)
+        if len(e):
+            ax.plot(e, v, style, color="tab:orange" if key == "val_recon" else "tab:green", ms=3.5, label=label)
+    for key, label, colour, style in _BASELINES:
+        e, v = _series(rows, key)
+        if len(e):  # the same fixed views every time: one level per baseline
+            ax.axhline(float(np.mean(v)), color=colour, ls=style, lw=1.2, label=f"baseline: {label} ({np.mean(v):.3f})")
+    best = [r for r in rows if r.get("val_recon") is not None]
+    if best:
+        b = min(best, key=lambda r: r["val_recon"])
+        text = f"best {b['val_recon']:.3f} (epoch {b['epoch']})"
+        if b.get("val_const_l1"):
+            text += f"\n= {b['val_recon'] / b['val_const_l1']:.2f} x the constant"
+        late = b["epoch"] > (rows[0]["epoch"] + rows[-1]["epoch"]) / 2
+        ax.annotate(text, (b["epoch"], b["val_recon"]), textcoords="offset points", xytext=(-6 if late else 6, -28),
+                    ha="right" if late else "left", fontsize=8, color="tab:orange")
+    ax.set_ylim(bottom=0)
+    ax.set_title("reconstruction L1 to the clean crop")
+    ax.legend(loc="best", fontsize=7, framealpha=0.85)
+
+
+def _plot_probe_panel(ax, rows: list[dict[str, Any]]) -> None:
+    e, v = _series(rows, "probe_dice")
+    if not len(e):
+        ax.text(0.5, 0.5, "probe monitor off\n(set probe_every > 0 to score the encoder\nfor segmentation while it trains)",
+                ha="center", va="center", transform=ax.transAxes, fontsize=9, color="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title("downstream: linear probe on the frozen encoder")
+        return
+    ax.plot(e, 100 * v, "o-", color="tab:green", ms=4, label="this encoder")
+    init = [r["probe_dice_init"] for r in rows if r.get("probe_dice_init") is not None]
+    if init:
+        ax.axhline(100 * init[-1], color="gray", ls="--", lw=1.2, label=f"untrained encoder ({100 * init[-1]:.1f})")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("mean Dice (%)")
+    ax.set_title("downstream: linear probe on the frozen encoder")
+    ax.legend(loc="lower right", fontsize=7)
+
+
+def plot_ssl_history(history: Any, path: str | None = None):
+    """Pre-training curves against epoch, on linear axes, four panels:
+
+    1. reconstruction L1 ``r``: training (view 1, every epoch) and validation (view 1 and view 2,
+       fixed views), with the baselines on the same views as horizontal lines: predicting each
+       crop's mean intensity, and copying each corrupted view unchanged;
+    2. the probe monitor's mean Dice (``probe_every`` > 0) against the untrained encoder's;
+    3. the contrastive loss ``c``; 4. the total loss ``r + c*r``.
+
+    ``history``: ``pretrain(...)["history"]`` (a list of per-epoch dicts), the whole result, a
+    column dict or a path to ``history.json``. Returns the figure; saves it when ``path`` is given.
     """
     from matplotlib.ticker import MaxNLocator
 
     rows = _history_rows(history)
-    panels = [
-        ("train_total", "val_total", "total loss  r + c·r", True),
-        ("train_recon", "val_recon", "reconstruction L1  r", True),
-        ("train_contrastive", "val_contrastive", "contrastive  c", False),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, (tkey, vkey, title, log) in zip(axes, panels):
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.6))
+    _plot_recon_panel(axes[0, 0], rows)
+    _plot_probe_panel(axes[0, 1], rows)
+    for ax, (tkey, vkey, title) in zip(axes[1], (("train_contrastive", "val_contrastive", "contrastive  c"),
+                                                 ("train_total", "val_total", "total loss  r + c·r"))):
         e, v = _series(rows, tkey)
         ax.plot(e, v, "-", color="tab:blue", label="training", marker="." if len(e) < 40 else None)
         e, v = _series(rows, vkey)
         if len(e):
-            ax.plot(e, v, "o-", color="tab:orange", ms=4, label="validation (fixed views)")
-        if log and all(_series(rows, k)[1].min(initial=np.inf) > 0 for k in (tkey, vkey) if len(_series(rows, k)[1])):
-            ax.set_yscale("log")
+            ax.plot(e, v, "o-", color="tab:orange", ms=3.5, label="validation (fixed views)")
+        ax.set_ylim(bottom=0)
         ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(loc="best", fontsize=8)
-    best = [r for r in rows if r.get("val_recon") is not None]
-    if best:
-        b = min(best, key=lambda r: r["val_recon"])
-        axes[1].axvline(b["epoch"], color="gray", ls=":", lw=1)
-        axes[1].annotate(f"best {b['val_recon']:.4f}\n(epoch {b['epoch']})", (b["epoch"], b["val_recon"]),
-                         textcoords="offset points", xytext=(4, 8), fontsize=8, color="gray")
-    fig.suptitle("Self-supervised pre-training", y=1.02)
+        ax.legend(loc="best", fontsize=7, framealpha=0.85)
+    for ax in axes.flat:
+        if ax.lines:
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(True, alpha=0.3)
+    fig.suptitle("Self-supervised pre-training", y=1.0)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def _first_crop(sample: Any) -> dict[str, Any]:
+def _first_crop(sample: Any) -> tuple[dict[str, Any], np.ndarray | None]:
     """One crop ``{"image", "image_2", "gt_image"}`` with ``[1, X, Y, Z]`` tensors, from a crop, a
-    list of crops (what the pre-training dataset returns per volume) or a collated batch."""
+    list of crops (what the pre-training dataset returns per volume) or a collated batch, and the
+    crop's 4x4 affine when it carries one (a MONAI ``MetaTensor``), else ``None``."""
     if isinstance(sample, (list, tuple)):
         if not sample:
             raise ValueError("empty sample: expected a crop dict with 'image', 'image_2', 'gt_image'")
@@ -211,6 +309,10 @@ def _first_crop(sample: Any) -> dict[str, Any]:
 
     from .datasets import plain_tensor
 
+    affine = getattr(sample["gt_image"], "affine", None)
+    if affine is not None:
+        affine = np.asarray(affine, dtype=float)
+        affine = affine[0] if affine.ndim == 3 else affine  # collated: one affine per crop
     out = {}
     for k in ("gt_image", "image", "image_2"):
         t = torch.as_tensor(np.asarray(sample[k])) if not isinstance(sample[k], torch.Tensor) else sample[k]
@@ -222,7 +324,51 @@ def _first_crop(sample: Any) -> dict[str, Any]:
         if t.ndim != 4:
             raise ValueError(f"sample[{k!r}] has shape {tuple(t.shape)}; expected [1, X, Y, Z] or [B, 1, X, Y, Z]")
         out[k] = t.float()
-    return out
+    return out, affine
+
+
+def to_ras(volume: np.ndarray, affine: np.ndarray | None) -> np.ndarray:
+    """``volume [X, Y, Z]`` with its array axes turned and flipped so that they run towards the
+    patient's Right, Anterior and Superior (the nearest axis-aligned reorientation of
+    ``affine``); ``affine=None`` means the array already is RAS."""
+    if affine is None:
+        return volume
+    import nibabel.orientations as nio
+
+    ornt = nio.io_orientation(np.asarray(affine, float))
+    return nio.apply_orientation(volume, ornt)
+
+
+def radiological_axial(volume_ras: np.ndarray, k: int) -> np.ndarray:
+    """Axial slice ``k`` of an RAS volume as an image for ``imshow`` (origin upper): the patient's
+    right on the viewer's left, anterior at the top: the display of every figure here."""
+    return volume_ras[::-1, ::-1, k].T
+
+
+def _orientation_marks(ax) -> None:
+    box = dict(facecolor="black", edgecolor="none", alpha=0.7, pad=1.0)
+    for x, y, text, ha, va in ((0.03, 0.5, "R", "left", "center"), (0.97, 0.5, "L", "right", "center"),
+                               (0.5, 0.97, "A", "center", "top"), (0.5, 0.03, "P", "center", "bottom")):
+        ax.text(x, y, text, color="w", transform=ax.transAxes, fontsize=7, weight="bold", ha=ha, va=va, bbox=box)
+
+
+def _reconstruct(model: Any, crop: dict[str, Any], precision_or_device: Any) -> Any:
+    import contextlib
+
+    import torch
+
+    if hasattr(precision_or_device, "autocast") and hasattr(precision_or_device, "device"):
+        device, autocast = precision_or_device.device, precision_or_device.autocast
+    else:
+        device, autocast = torch.device(precision_or_device or "cpu"), contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast():
+            out = model(torch.stack([crop["image"], crop["image_2"]]).to(device))
+            return (out[0] if isinstance(out, (tuple, list)) else out).float().cpu()
+    finally:
+        model.train(was_training)
 
 
 def plot_views_and_reconstructions(
@@ -234,8 +380,10 @@ def plot_views_and_reconstructions(
 ):
     """One crop, slice by slice: the clean crop (``gt_image``), view 1, view 2, and the model's
     reconstructions of both views. Rows are images, columns ``n_slices`` evenly spaced axial
-    slices (last axis), grayscale on the [0, 1] intensity scale. Row labels give the mean L1
-    distance of each view / reconstruction to the clean crop.
+    slices, grayscale on the [0, 1] intensity scale, in the radiological display of every other
+    figure (patient's right on the viewer's left, anterior up; R/L/A/P marked), worked out from
+    the crop's affine. Each row is labelled with its L1 distance to the clean crop, and the title
+    gives this crop's baselines: predicting its mean intensity, and copying each view.
 
     ``model``: a ``ViTAutoEnc`` (or DDP / compiled wrapper) taking ``[N, 1, roi^3]``; ``None``
     draws the three input rows only.
@@ -246,49 +394,40 @@ def plot_views_and_reconstructions(
     ``torch.device`` or a device string. The model's train/eval mode is restored afterwards.
     Returns the figure; saves it (PNG) when ``path`` is given.
     """
-    import contextlib
-
-    import torch
-
-    crop = _first_crop(sample)
-    images = [
-        ("clean crop (gt_image)", crop["gt_image"][0].numpy()),
-        ("view 1 (image)", crop["image"][0].numpy()),
-        ("view 2 (image_2)", crop["image_2"][0].numpy()),
-    ]
+    crop, affine = _first_crop(sample)
+    gt = crop["gt_image"][0].numpy()
+    images = [("clean crop (gt_image)", gt), ("view 1 (image)", crop["image"][0].numpy()),
+              ("view 2 (image_2)", crop["image_2"][0].numpy())]
     if model is not None:
-        if hasattr(precision_or_device, "autocast") and hasattr(precision_or_device, "device"):
-            device, autocast = precision_or_device.device, precision_or_device.autocast
-        else:
-            device, autocast = torch.device(precision_or_device or "cpu"), contextlib.nullcontext
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), autocast():
-                out = model(torch.stack([crop["image"], crop["image_2"]]).to(device))
-                recon = (out[0] if isinstance(out, (tuple, list)) else out).float().cpu()
-        finally:
-            model.train(was_training)
+        recon = _reconstruct(model, crop, precision_or_device)
         images += [("reconstruction of view 1", recon[0, 0].numpy()), ("reconstruction of view 2", recon[1, 0].numpy())]
-    gt = images[0][1]
-    depth = gt.shape[-1]
+    l1 = [float(np.abs(vol - gt).mean()) for _, vol in images]
+    constant = float(np.abs(gt - gt.mean()).mean())
+    images = [(name, to_ras(vol, affine)) for name, vol in images]
+    depth = images[0][1].shape[2]
     n_slices = max(1, min(int(n_slices), depth))
     zs = np.linspace(0, depth - 1, n_slices + 2)[1:-1].round().astype(int)
-    fig, axes = plt.subplots(len(images), n_slices, figsize=(2.1 * n_slices, 2.1 * len(images)), squeeze=False)
+    fig, axes = plt.subplots(len(images), n_slices, figsize=(2.1 * n_slices, 2.2 * len(images)), squeeze=False)
     for i, (name, vol) in enumerate(images):
         for j, z in enumerate(zs):
             ax = axes[i, j]
-            ax.imshow(np.rot90(vol[:, :, z]), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.imshow(radiological_axial(vol, z), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
+            _orientation_marks(ax)
             if i == 0:
-                ax.set_title(f"axial slice {z}", fontsize=9)
-        label = name if i == 0 else f"{name}\nL1 to clean {float(np.abs(vol - gt).mean()):.3f}"
+                ax.set_title(f"axial slice {z} (of {depth}, inferior first)", fontsize=8)
+        label = name if i == 0 else f"{name}\nL1 to clean {l1[i]:.3f}"
+        if i >= 3:
+            label += f"\n({l1[i] / constant:.2f} x constant)" if constant > 0 else ""
         axes[i, 0].set_ylabel(label, fontsize=8)
     title = "Two corrupted views of one crop" + (" and their reconstructions" if model is not None else "")
-    fig.suptitle(title, y=1.0)
+    title += (f"\nbaselines for this crop (L1 to clean): predict its mean {constant:.3f}, "
+              f"copy view 1 {l1[1]:.3f}, copy view 2 {l1[2]:.3f}")
+    fig.suptitle(title, y=1.0, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
 
 # ============================================================================================
 # fine-tuning

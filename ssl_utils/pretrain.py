@@ -32,11 +32,11 @@ from .models import build_vitautoenc
 from .runtime import Precision, lr_lambda, optimizer_kwargs
 from .speedups import apply_speedups
 
-__all__ = ["pretrain", "PretrainResult", "ssl_forward", "evaluate_ssl", "TrainingDiverged", "resolve_ssl_data"]
+__all__ = ["pretrain", "PretrainResult", "ssl_forward", "ssl_precision", "evaluate_ssl", "reconstruction_baselines", "TrainingDiverged", "resolve_ssl_data"]
 
 BEST_NAME = "best_model.pt"
 LAST_NAME = "last_model.pt"
-_COUNTERS = ("epoch", "history", "best_val_loss")
+_COUNTERS = ("epoch", "history", "best_val_loss", "best_probe_dice", "probe_dice_init")
 
 
 @dataclass
@@ -102,22 +102,46 @@ def ssl_forward(
     return total, r, c, r1, r2
 
 
+# history keys of one validation pass, in the order ``evaluate_ssl`` sums them
+VAL_KEYS = ("val_recon", "val_recon_2", "val_contrastive", "val_total", "val_const_l1", "val_copy_l1_1", "val_copy_l1_2")
+
+
+def reconstruction_baselines(view_1: torch.Tensor, view_2: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    """The L1 a model must beat, per crop: ``[B, 3]`` = (predicting each crop's mean intensity,
+    copying view 1, copying view 2), each the mean absolute difference to the clean crop.
+
+    A reconstruction worse than the copy has undone nothing of the corruption; one no better than
+    the constant has learned nothing of the crop's layout.
+    """
+    clean = clean.float().flatten(1)
+    const = (clean - clean.mean(dim=1, keepdim=True)).abs().mean(dim=1)
+    copy_1 = (view_1.float().flatten(1) - clean).abs().mean(dim=1)
+    copy_2 = (view_2.float().flatten(1) - clean).abs().mean(dim=1)
+    return torch.stack([const, copy_1, copy_2], dim=1)
+
+
 @torch.no_grad()
 def evaluate_ssl(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Precision) -> dict[str, float]:
-    """Validation on the fixed-seed views: mean L1 reconstruction, contrastive and total loss
-    (all-reduced over ranks; each batch weighted by its number of crops). The model's
-    train/eval mode is restored afterwards."""
+    """Validation on the fixed-seed views: reconstruction L1 of each view (``val_recon`` is view 1,
+    the reference's ``r``), contrastive and total loss, and on the same views the baselines of
+    ``reconstruction_baselines`` (``val_const_l1``, ``val_copy_l1_1``, ``val_copy_l1_2``).
+    All-reduced over ranks; each batch weighted by its number of crops. The model's train/eval
+    mode is restored afterwards."""
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=precision.device)
+    sums = torch.zeros(len(VAL_KEYS) + 1, dtype=torch.float64, device=precision.device)
     for batch in loader:
-        total, r, c, _, _ = ssl_forward(model, batch, cfg, precision, gather=False)
-        n = float(batch["image"].shape[0])
-        sums += torch.stack([r.double() * n, c.double() * n, total.double() * n, torch.tensor(n, device=sums.device, dtype=torch.float64)])
+        total, r, c, r1, r2 = ssl_forward(model, batch, cfg, precision, gather=False)
+        v1, v2, gt = (plain_tensor(batch[k]).to(precision.device) for k in ("image", "image_2", "gt_image"))
+        n = float(v1.shape[0])
+        recon_2 = (r2 - gt.float()).abs().mean()
+        base = reconstruction_baselines(v1, v2, gt).double().mean(dim=0)
+        means = torch.stack([r.double(), recon_2.double(), c.double(), total.double(), *base])
+        sums += torch.cat([means * n, torch.tensor([n], dtype=torch.float64, device=sums.device)])
     sums = all_reduce_sum(sums)
     model.train(was_training)
-    count = max(sums[3].item(), 1.0)
-    return {"val_recon": sums[0].item() / count, "val_contrastive": sums[1].item() / count, "val_total": sums[2].item() / count}
+    count = max(sums[-1].item(), 1.0)
+    return {k: sums[i].item() / count for i, k in enumerate(VAL_KEYS)}
 
 
 def check_resumable(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: str) -> None:
@@ -165,6 +189,51 @@ def _load_data(cfg: Config, data_root, json_path, cohort_root, skip_bad: bool, p
                  sampler, len(checked["training"]), len(checked["validation"]))
 
 
+def _probe_monitor(cfg: Config, probe_json, probe_data_root, data_root, cohort_root, precision: Precision, say):
+    """Rank 0: the ``ProbeMonitor`` when ``probe_every`` > 0 (its datalist checked on rank 0, the
+    verdict shared, so a bad one stops every rank before training); other ranks: ``None``."""
+    if not cfg["probe_every"]:
+        return None
+    from .monitor import ProbeMonitor, monitor_entries
+
+    fit, score, path = run_on_main(lambda: monitor_entries(cfg, probe_json, probe_data_root, data_root, cohort_root))
+    if not is_main():
+        return None
+    monitor = ProbeMonitor(cfg, fit, score, precision, source=path)
+    say(f"probe monitor: every {cfg['probe_every']} epochs, {monitor!r}")
+    return monitor
+
+
+def _probe_row(state: RunState, monitor) -> dict[str, float]:
+    """Rank 0 scores the encoder, every rank gets the numbers (the others wait)."""
+    return run_on_main(lambda: monitor.score(state.model))
+
+
+def _is_best(state: RunState, row: Mapping[str, Any]) -> bool:
+    """Update the best scores with this epoch's row; True when it makes this epoch ``best_model.pt``."""
+    best = False
+    if "val_recon" in row:
+        best = row["val_recon"] < state["best_val_loss"]
+        state["best_val_loss"] = min(row["val_recon"], state["best_val_loss"])
+    if state.config["select_by"] == "probe":
+        best = "probe_dice" in row and row["probe_dice"] > state["best_probe_dice"]
+    if "probe_dice" in row:
+        state["best_probe_dice"] = max(row["probe_dice"], state["best_probe_dice"])
+    return best
+
+
+def ssl_amp(cfg: Mapping[str, Any]) -> str | bool:
+    """Pre-training's mixed-precision setting: ``ssl_amp``, or ``amp`` when it is ``"same"``."""
+    return cfg["amp"] if cfg["ssl_amp"] == "same" else cfg["ssl_amp"]
+
+
+def ssl_precision(cfg: Mapping[str, Any], device: torch.device) -> Precision:
+    """The ``Precision`` pre-training runs in on ``device`` (for a forward pass outside ``pretrain``)."""
+    from .runtime import amp_dtype
+
+    return Precision(device, amp_dtype(device, ssl_amp(cfg)))
+
+
 def pretrain_optimizer(model: nn.Module, cfg: Mapping[str, Any], device: torch.device) -> torch.optim.Optimizer:
     """The reference's Adam (``ssl_lr``, ``ssl_weight_decay``), fused where PyTorch has a kernel."""
     return torch.optim.Adam(model.parameters(), lr=cfg["ssl_lr"], weight_decay=cfg["ssl_weight_decay"],
@@ -178,7 +247,7 @@ def _build_state(cfg: Config, precision: Precision, steps_per_epoch: int) -> Run
     optimizer = pretrain_optimizer(model, cfg, precision.device)
     schedule = lr_lambda(cfg["warmup_epochs"] * steps_per_epoch, cfg["ssl_epochs"] * steps_per_epoch, cfg["cosine"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    counters = {"epoch": 0, "history": [], "best_val_loss": float("inf")}
+    counters = {"epoch": 0, "history": [], "best_val_loss": float("inf"), "best_probe_dice": -1.0, "probe_dice_init": None}
     return RunState(model, optimizer, precision, cfg, scheduler, cfg["grad_clip"], counters)
 
 
@@ -221,8 +290,13 @@ def _epoch_message(row: Mapping[str, Any], total: int, is_best: bool) -> str:
         f"contrastive {row['train_contrastive']:.4f}) {row['crop_pairs_per_s']:.1f} crop pairs/s"
     )
     if "val_recon" in row:
-        msg += f" | val recon {row['val_recon']:.4f} contrastive {row['val_contrastive']:.4f}" + (" (best)" if is_best else "")
-    return msg
+        msg += (
+            f" | val L1 {row['val_recon']:.4f} / {row['val_recon_2']:.4f} (constant {row['val_const_l1']:.4f}, "
+            f"copy {row['val_copy_l1_1']:.4f} / {row['val_copy_l1_2']:.4f}) contrastive {row['val_contrastive']:.4f}"
+        )
+    if "probe_dice" in row:
+        msg += f" | probe Dice {row['probe_dice']:.4f} (untrained encoder {row['probe_dice_init']:.4f})"
+    return msg + (" (best)" if is_best else "")
 
 
 def _tensorboard(tensorboard: bool | str, logdir: str):
@@ -262,6 +336,8 @@ def pretrain(
     global_negatives: bool = False,
     num_workers: int | None = None,
     cohort_root: str = "data/synthetic",
+    probe_json: str | None = None,
+    probe_data_root: str | None = None,
     log: Callable[[str], None] = print,
     on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> PretrainResult:
@@ -271,10 +347,12 @@ def pretrain(
     ``num_workers``. ``stop_after``: stop (as if interrupted) after this epoch; ``resume=True``
     continues from ``logdir/last_model.pt`` and ends with the same weights as an uninterrupted run.
     ``tensorboard``: ``True`` writes scalars under ``logdir/tensorboard``, a path writes them there.
+    ``probe_json`` / ``probe_data_root``: the labeled datalist of the probe monitor (``probe_every``
+    > 0; default: the embedded cohort's); see ``ssl_utils.monitor``.
     ``on_epoch_end(epoch, row)``: called on every rank after each epoch's checkpoint is written.
     """
     cfg = get_config(cfg, ssl_epochs=epochs, num_workers=num_workers)
-    precision = setup_run(cfg, device)
+    precision = setup_run(cfg, device, amp=ssl_amp(cfg))
     main, say = is_main(), (log if is_main() else (lambda *_: None))
     os.makedirs(logdir, exist_ok=True)
     last_path = os.path.join(logdir, LAST_NAME)
@@ -284,6 +362,10 @@ def pretrain(
     if ckpt is not None:
         state.restore(ckpt, _COUNTERS)
         say(f"resumed from {last_path} (epoch {state['epoch']} done); continuing at epoch {state['epoch'] + 1}")
+    monitor = _probe_monitor(cfg, probe_json, probe_data_root, data_root, cohort_root, precision, say)
+    if cfg["probe_every"] and state["probe_dice_init"] is None:  # the untrained encoder: the line to rise above
+        state["probe_dice_init"] = _probe_row(state, monitor)["probe_dice"]
+        say(f"probe monitor: untrained encoder, mean Dice {state['probe_dice_init']:.4f}")
     train_model = wrap_ddp(torch.compile(state.model) if cfg["compile"] else state.model, precision.device)
     gather = bool(global_negatives) and world_size() > 1
     writer = _tensorboard(tensorboard, logdir)
@@ -298,13 +380,13 @@ def pretrain(
         if stop_after is not None and epoch > stop_after:
             break
         row = train_epoch(state, train_model, data, epoch, gather, progress and main, last_path)
-        is_best = False
         if epoch % cfg["ssl_val_every"] == 0 or epoch == total:
             row.update(evaluate_ssl(state.model, data.val_loader, cfg, precision))
             check_finite(torch.tensor([row["val_recon"], row["val_total"]]), f"epoch {epoch} (validation)",
                          last_path, what="the validation loss")
-            is_best = row["val_recon"] < state["best_val_loss"]
-            state["best_val_loss"] = min(row["val_recon"], state["best_val_loss"])
+        if cfg["probe_every"] and (epoch % cfg["probe_every"] == 0 or epoch == total):
+            row.update(_probe_row(state, monitor), probe_dice_init=state["probe_dice_init"])
+        is_best = _is_best(state, row)
         check_weights_finite(state.model, f"epoch {epoch}", last_path)  # a diverged model is never saved
         state["history"].append(row)
         state["epoch"] = epoch

@@ -84,21 +84,77 @@ def build_probe(cfg: Mapping[str, Any], pretrained_path: str | None, seed: int) 
     return probe, report
 
 
-def _probe_data(cfg: Config, data_root, json_path, cohort_root, n_train, seed: int):
-    """Training loader (seeded order and crops) and validation loader, after the pre-flight check."""
+def probe_loaders(cfg: Mapping[str, Any], train_entries, val_entries, seed: int, progress: bool = False):
+    """Cached datasets and loaders of a probe: (training dataset, its ``EpochSampler``, training
+    loader, validation loader); the order and crops of training follow ``seed``."""
     from monai.data import DataLoader
 
-    from .data import preflight_datalist
     from .datasets import finetune_datasets
-    from .finetune import EpochSampler, resolve_ft_data
+    from .finetune import EpochSampler
+
+    train_ds, val_ds = finetune_datasets(cfg, train_entries, val_entries, progress=progress)
+    sampler = EpochSampler(len(train_ds), seed)
+    train_loader = DataLoader(train_ds, batch_size=cfg["ft_batch_size"], sampler=sampler, num_workers=0)
+    return train_ds, sampler, train_loader, DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
+
+
+def _probe_data(cfg: Config, data_root, json_path, cohort_root, n_train, seed: int):
+    """Training loader (seeded order and crops) and validation loader, after the pre-flight check."""
+    from .data import preflight_datalist
+    from .finetune import resolve_ft_data
 
     data_root, json_path = resolve_ft_data(cfg, data_root, json_path, cohort_root, n_train)
     checked = preflight_datalist(json_path, data_root, keys=("training", "validation"), require_label=True,
                                  num_classes=cfg["out_channels"], window=(cfg["ft_a_min"], cfg["ft_a_max"]), progress=False)
-    train_ds, val_ds = finetune_datasets(cfg, checked["training"], checked["validation"], progress=False)
-    sampler = EpochSampler(len(train_ds), seed)
-    train_loader = DataLoader(train_ds, batch_size=cfg["ft_batch_size"], sampler=sampler, num_workers=0)
-    return train_ds, sampler, train_loader, DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
+    return probe_loaders(cfg, checked["training"], checked["validation"], seed)
+
+
+def fit_probe(probe: LinearProbe, loaders, cfg: Mapping[str, Any], precision, seed: int, iterations: int,
+              eval_every: int, progress: bool = False, desc: str = "linear probe") -> tuple[list[list[float]], dict[str, Any]]:
+    """Train the probe's head (Adam at ``probe_lr``, Dice + cross-entropy) for ``iterations``
+    steps on ``loaders`` (from ``probe_loaders``) and evaluate it every ``eval_every`` steps and at
+    the end. Returns (curve ``[[iteration, mean Dice]]``, the last evaluation's metrics)."""
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    from .datasets import mix_seed, plain_tensor
+    from .finetune import evaluate
+
+    train_ds, sampler, train_loader, val_loader = loaders
+    dev = precision.device
+    optimizer = torch.optim.Adam(probe.head.parameters(), lr=cfg["probe_lr"])
+    state = RunState(probe, optimizer, precision, cfg, counters={"iteration": 0})
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def forward(batch) -> torch.Tensor:
+        with precision.autocast():
+            logits = probe(plain_tensor(batch["image"]).to(dev))
+        return loss_fn(logits.float(), plain_tensor(batch["label"]).to(dev))
+
+    curve: list[list[float]] = []
+    final: dict[str, Any] = {}
+    bar = tqdm(total=iterations, desc=desc, leave=False, disable=not progress)
+    probe.train()
+    epoch = 0
+    while state["iteration"] < iterations:
+        epoch += 1
+        train_ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        torch.manual_seed(mix_seed(seed, epoch, 0x9B0B))
+        for batch in train_loader:
+            loss = train_step(state, lambda: forward(batch))
+            state["iteration"] += 1
+            check_finite(loss, f"probe iteration {state['iteration']}", collective=False)  # may run on rank 0 alone
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss[0].item():.4f}")
+            if state["iteration"] % eval_every == 0 or state["iteration"] == iterations:
+                final = evaluate(probe, val_loader, cfg, precision)
+                curve.append([state["iteration"], final["mean_dice"]])
+                probe.train()
+            if state["iteration"] >= iterations:
+                break
+    bar.close()
+    return curve, final
 
 
 def train_probe(
@@ -121,53 +177,15 @@ def train_probe(
     Same seed, same data order, crops and head initialisation for both encoders. Returns a
     ``ProbeResult`` (``curve`` [[iteration, mean Dice]], ``final`` metrics, ``encoder_unchanged``).
     """
-    from monai.losses import DiceCELoss
-    from tqdm.auto import tqdm
-
-    from .datasets import mix_seed, plain_tensor
-    from .finetune import evaluate
-
     cfg = get_config(cfg, probe_iterations=iterations, ft_eval_every=eval_every)
-    iterations, every = cfg["probe_iterations"], cfg["ft_eval_every"]
     precision = setup_run(cfg, device, seed)
-    dev = precision.device
-    train_ds, sampler, train_loader, val_loader = _probe_data(cfg, data_root, json_path, cohort_root, n_train, seed)
+    loaders = _probe_data(cfg, data_root, json_path, cohort_root, n_train, seed)
     probe, report = build_probe(cfg, pretrained_path, seed)
-    probe = probe.to(dev)
+    probe = probe.to(precision.device)
     before = {k: v.detach().clone() for k, v in probe.encoder.state_dict().items()}
-    optimizer = torch.optim.Adam(probe.head.parameters(), lr=cfg["probe_lr"])
-    state = RunState(probe, optimizer, precision, cfg, counters={"iteration": 0})
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-
-    def forward(batch) -> torch.Tensor:
-        with precision.autocast():
-            logits = probe(plain_tensor(batch["image"]).to(dev))
-        return loss_fn(logits.float(), plain_tensor(batch["label"]).to(dev))
-
-    curve: list[list[float]] = []
-    final: dict[str, Any] = {}
     arm = "pre-trained" if pretrained_path else "random"
-    bar = tqdm(total=iterations, desc=f"linear probe ({arm} encoder, seed {seed})", leave=False, disable=not progress)
-    probe.train()
-    epoch = 0
-    while state["iteration"] < iterations:
-        epoch += 1
-        train_ds.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        torch.manual_seed(mix_seed(seed, epoch, 0x9B0B))
-        for batch in train_loader:
-            loss = train_step(state, lambda: forward(batch))
-            state["iteration"] += 1
-            check_finite(loss, f"probe iteration {state['iteration']}")
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss[0].item():.4f}")
-            if state["iteration"] % every == 0 or state["iteration"] == iterations:
-                final = evaluate(probe, val_loader, cfg, precision)
-                curve.append([state["iteration"], final["mean_dice"]])
-                probe.train()
-            if state["iteration"] >= iterations:
-                break
-    bar.close()
+    curve, final = fit_probe(probe, loaders, cfg, precision, seed, cfg["probe_iterations"], cfg["ft_eval_every"],
+                             progress, desc=f"linear probe ({arm} encoder, seed {seed})")
     after = probe.encoder.state_dict()
     unchanged = all(torch.equal(before[k], after[k].detach()) for k in before)
     log(f"linear probe ({arm} encoder, seed {seed}): mean Dice {final.get('mean_dice', float('nan')):.4f}")

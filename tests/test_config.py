@@ -137,8 +137,8 @@ def test_presets_override_only_what_they_state():
     from ssl_utils.config import _PRESET_OVERRIDES
 
     paper, demo = get_config("paper"), get_config("demo")
-    assert demo["ssl_lr"] != paper["ssl_lr"] and demo["ssl_lr"] == 2e-3
-    assert demo["temperature"] == paper["temperature"] and demo["patch_size"] == paper["patch_size"]
+    assert demo["ssl_lr"] != paper["ssl_lr"] and demo["ssl_lr"] == 1e-3
+    assert demo["temperature"] == 1.0 != paper["temperature"] and demo["patch_size"] == paper["patch_size"]
     assert paper.to_dict() == {**Config().to_dict(), "preset": "paper"}  # paper = the defaults
     for name, overrides in _PRESET_OVERRIDES.items():
         cfg = PRESETS[name]
@@ -148,4 +148,4 @@ def test_presets_override_only_what_they_state():
             expected = overrides.get(key, paper[key])
             assert cfg[key] == expected, (name, key)
     # get_config with a Config as base applies overrides on top of it, not on the defaults
-    assert get_config(demo, ssl_epochs=3)["ssl_lr"] == 2e-3
+    assert get_config(demo, ssl_epochs=3)["ssl_lr"] == 1e-3

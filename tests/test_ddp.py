@@ -130,7 +130,8 @@ def ddp_run(smoke_cohort, tmp_path_factory):
     """One uninterrupted 2-process run (2 epochs of 2 steps, global negatives); every rank saves its
     weights and its DDP settings (``ddp_wrapper.py --save-rank-params``)."""
     logdir = str(tmp_path_factory.mktemp("ddp_run"))
-    proc = torchrun(WRAPPER, ["--save-rank-params"] + _train_args(smoke_cohort, logdir))
+    probe = ["--probe_every", "1", "--probe_json", smoke_cohort["btcv_json"][max(smoke_cohort["btcv_json"])]]
+    proc = torchrun(WRAPPER, ["--save-rank-params"] + probe + _train_args(smoke_cohort, logdir))
     assert proc.returncode == 0, _explain(proc)
     return logdir, proc
 
@@ -148,6 +149,10 @@ def test_two_processes_train_and_write_a_checkpoint_unetr_loads(ddp_run):
     assert any(line.startswith("epoch 2/2") for line in lines), lines
     assert lines[-1].startswith("done: epoch 2 reached"), lines[-1]
     assert proc.stdout.count("world_size=2 backend=gloo") == 1, "only rank 0 logs"
+    # the probe monitor: rank 0 probes (once untrained, then every epoch), every rank's history gets its score
+    assert proc.stdout.count("probe monitor: untrained encoder") == 1
+    history = json.load(open(os.path.join(logdir, "history.json")))
+    assert all(0.0 <= row["probe_dice"] <= 1.0 for row in history), history
 
     ckpt = torch.load(os.path.join(logdir, "last_model.pt"), weights_only=True)
     assert ckpt["epoch"] == 2

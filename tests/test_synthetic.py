@@ -45,6 +45,9 @@ GOLDEN_SUBJECTS = [
     dict(seed=6, shape=[48, 40], spacing=[3.0, 3.0, 5.0], kind="btcv", with_label=True),  # nx != ny
     # tiny field of view: organs outside the volume, so the enlarge / force retries run (seed 5 forces one)
     *(dict(seed=s, shape=[16, 16], spacing=[6.0, 6.0, 8.0], kind="btcv", with_label=True) for s in (3, 5)),
+    # chest CT (the default unlabeled cohort): one with opacities, one without, one at a finer grid
+    *(dict(seed=s, shape=[64, 64], spacing=[6.0, 6.0, 8.0], kind="chest", with_label=False) for s in (0, 1)),
+    dict(seed=2, shape=[96, 80], spacing=[4.0, 4.0, 5.0], kind="chest", with_label=False),
 ]
 GOLDEN_COHORT = dict(
     n_unlabeled=2,
@@ -165,6 +168,63 @@ def test_unlabeled_variant():
     assert lab is None and img.dtype == np.int16 and img.ndim == 3
     with pytest.raises(ValueError):
         generate_subject(0, SHAPE, SPACING, kind="mri")
+
+
+def _lung_share(img: np.ndarray) -> np.ndarray:
+    """Per axial slice: the share of the body's cross-section (body outline filled) below -500 HU."""
+    body = _body_mask(img)
+    low = (img < -500) & body
+    return low.sum(axis=(0, 1)) / np.maximum(body.sum(axis=(0, 1)), 1)
+
+
+def test_chest_subjects_are_chest_ct_with_lungs():
+    for seed in range(4):
+        img, lab, aff = generate_subject(seed, SHAPE, SPACING, with_label=False, kind="chest")
+        assert lab is None and img.dtype == np.int16 and img.shape[:2] == SHAPE
+        assert np.allclose(aff[:3, :3], np.diag(np.diag(aff)[:3])) and np.all(np.diag(aff)[:3] > 0)  # RAS+
+        assert 200 <= img.shape[2] * SPACING[2] <= 400, "z field of view of a chest CT (mm)"
+        share = _lung_share(img)
+        lung_slices = share >= 0.25
+        assert lung_slices.mean() >= 0.25, f"seed {seed}: lungs in only {lung_slices.mean():.0%} of the slices"
+        assert share.max() >= 0.3, f"seed {seed}: at most {share.max():.0%} of a slice is lung"
+        k = int(np.argmax(share))
+        body = _body_mask(img)[:, :, k]
+        low = (img[:, :, k] < -500) & body
+        assert np.median(img[:, :, k][low]) < -700, "the low-density region inside the body is aerated lung, not fat"
+        # two lungs, one on either side of the midline (air in the trachea aside)
+        parts, n = ndimage.label(low)
+        sizes = ndimage.sum(low, parts, range(1, n + 1))
+        right, left = (ndimage.center_of_mass(parts == i + 1)[0] for i in np.argsort(sizes)[-2:][::-1])
+        mid = ndimage.center_of_mass(body)[0]
+        assert (right - mid) * (left - mid) < 0, f"seed {seed}: the two largest air regions are on one side"
+        assert sizes.max() < 0.7 * low.sum()
+        # the lungs lie above the diaphragm: the lowest slices have less lung than the widest one
+        assert share[: max(1, img.shape[2] // 10)].mean() < share.max()
+        assert np.percentile(img[_body_mask(img)], 99.5) > 300, "ribs, spine, sternum"
+
+
+def test_chest_subjects_are_deterministic_per_seed_and_vary():
+    a = generate_subject(3, SHAPE, SPACING, with_label=False, kind="chest")
+    b = generate_subject(3, SHAPE, SPACING, with_label=False, kind="chest")
+    assert a[0].tobytes() == b[0].tobytes() and np.array_equal(a[2], b[2])
+    others = [generate_subject(s, SHAPE, SPACING, with_label=False, kind="chest")[0] for s in (4, 5)]
+    assert all(o.shape != a[0].shape or o.tobytes() != a[0].tobytes() for o in others)
+    with pytest.raises(ValueError, match="no labels"):
+        generate_subject(0, SHAPE, SPACING, kind="chest")
+
+
+def test_unlabeled_kind_of_the_cohort(tmp_path):
+    """chest (the default) or abdomen; the abdominal option writes what the "tcia" renderer paints, and a
+    cohort of the other kind is regenerated, not reused."""
+    small = dict(SMALL, n_unlabeled=2, n_unlabeled_val=1, n_labeled_train=1, n_labeled_val=1, train_sizes=(1,))
+    chest = make_synthetic_dataset(tmp_path, seed=2, **small)
+    vol = tmp_path / "tcia" / json.loads(Path(chest["tcia_json"]).read_text())["training"][0]["image"]
+    assert _lung_share(np.asanyarray(nib.load(str(vol)).dataobj)).max() >= 0.3
+    abdomen = make_synthetic_dataset(tmp_path, seed=2, unlabeled_kind="abdomen", **small)
+    assert not abdomen.get("reused")
+    assert json.loads((tmp_path / "cohort.json").read_text())["unlabeled_kind"] == "abdomen"
+    with pytest.raises(ValueError, match="unlabeled_kind"):
+        make_synthetic_dataset(tmp_path / "x", unlabeled_kind="brain", **small)
 
 
 def test_every_organ_present_in_every_labeled_subject():
