@@ -16,6 +16,7 @@ train/eval mode are left as they were.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Mapping
 
@@ -36,13 +37,13 @@ def monitor_entries(cfg: Mapping[str, Any], probe_json: str | None, probe_root: 
 
     ``probe_json``: a labeled datalist (entries relative to ``probe_root``, or to the JSON file's
     folder). Without it the embedded cohort's labeled datalist is used, unless the pre-training
-    data is the user's own (``pretrain_root`` set): then there is no labeled data to probe with,
-    and this raises ``ValueError`` saying what to pass.
+    data is the user's own (``pretrain_root`` set, outside ``cohort_root``): then there is no
+    labeled data to probe with, and this raises ``ValueError`` saying what to pass.
     """
     from .data import preflight_datalist
     from .finetune import resolve_ft_data
 
-    if not probe_json and pretrain_root:
+    if not probe_json and pretrain_root and not _inside(pretrain_root, cohort_root):
         raise ValueError(
             f"probe_every={cfg['probe_every']} needs labeled volumes to probe with: pass probe_json (a labeled "
             "datalist, e.g. json_files/btcv/dataset_0_init_6.json) and probe_data_root, or set probe_every=0"
@@ -58,6 +59,12 @@ def monitor_entries(cfg: Mapping[str, Any], probe_json: str | None, probe_root: 
             f"'training' entries, the datalist has {len(entries)}; lower them or use a larger datalist"
         )
     return entries[:n_fit], entries[n_fit:n_fit + n_score], str(path)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True when ``path`` is ``folder`` or lies under it (the embedded cohort's own unlabeled part)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 class ProbeMonitor:

@@ -207,3 +207,13 @@ def test_recipe_sweep_scores_on_validation_views_and_reuses_finished_settings(sm
     (tmp_path / "runs" / "tiny" / "last_model.pt").unlink()
     again = run_pretrain_sweep(str(tmp_path / "sweep"), **kw)  # reused: nothing is trained again
     assert again == [row] and not (tmp_path / "runs" / "tiny" / "last_model.pt").exists()
+
+
+def test_monitor_uses_the_embedded_labeled_cohort_when_pre_training_on_the_embedded_one(smoke_cohort):
+    """What the notebook does: the embedded cohort's unlabeled folder as data_root, no probe_json."""
+    from ssl_utils.monitor import monitor_entries
+
+    cfg = get_config("smoke", probe_every=1)
+    root = os.path.dirname(smoke_cohort["tcia_root"])
+    fit, score, path = monitor_entries(cfg, None, None, smoke_cohort["tcia_root"], cohort_root=root)
+    assert len(fit) == 1 and len(score) == 2 and os.path.realpath(path).startswith(os.path.realpath(root))
