@@ -354,8 +354,12 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "warmup_epochs": 2,
         "cosine": True,
         "ssl_amp": "off",
-        # the probe monitor: a downstream score every 10 epochs (2 labeled volumes to fit, 2 to score)
+        # the probe monitor: a downstream score every 10 epochs (2 labeled volumes to fit, 2 to score:
+        # the labeled training list, never the validation list). 150 iterations, measured on those
+        # volumes with this recipe's 60-epoch encoder against an untrained one: 40 iterations 4.4 vs 1.2%
+        # mean Dice (5.6 s), 150: 5.8 vs 3.0% (12.5 s), 300: 7.3 vs 3.3% (24 s).
         "probe_every": 10,
+        "probe_monitor_iterations": 150,
         "ft_spacing": (4.0, 4.0, 4.0),
         # Fine-tuning sized so that ssl_finetune.ipynb (8 runs: 2 sizes x 2 seeds x 2 arms) fits in
         # minutes on 2 CPU cores. UNETR's full-resolution convolutions dominate: feature 4 halves
