@@ -575,7 +575,7 @@ def paint_body(scene: _Scene) -> None:
     """Skin outline, subcutaneous fat, muscle wall and cavity: per-slice superellipses (flatter posteriorly).
 
     Sets ``scene.body / wall / cavity`` and protects everything outside the cavity."""
-    canvas, frame, tissue = scene.canvas, scene.frame, scene.tissue
+    canvas, frame = scene.canvas, scene.frame
     x_mm, y_mm, z_mm = canvas.x_mm, canvas.y_mm, canvas.z_mm
     phase = scene.uniform(0, 2 * np.pi, size=2)
     width_wobble = 1 + 0.03 * np.sin(2 * np.pi * z_mm / 180.0 + phase[0])
@@ -603,6 +603,14 @@ def paint_body(scene: _Scene) -> None:
         )
         gy = np.where(anterior, yn * yn, yn ** np.float32(2.6))  # (ny, nz)
         layers.append((gx.astype(np.float32), gy.astype(np.float32)))
+    _fill_body_layers(scene, layers)
+
+
+def _fill_body_layers(scene: _Scene, layers) -> None:
+    """Fill ``scene.body / wall / cavity`` from three ``(gx [X, Z], gy [Y, Z])`` superellipse levels (inside:
+    gx + gy <= 1), row by row, paint air / subcutaneous fat / muscle / visceral fat and protect everything
+    outside the cavity."""
+    canvas, tissue = scene.canvas, scene.tissue
     scene.body, scene.wall, scene.cavity = (np.empty(canvas.shape, dtype=bool) for _ in range(3))
     v_air, v_sub, v_mus, v_vis = (np.float32(tissue[k]) for k in ("air", "subfat", "muscle", "visfat"))
     for i in range(canvas.shape[0]):
@@ -1547,7 +1555,7 @@ def paint_chest_wall(scene: _ChestScene) -> None:
     """Skin outline, subcutaneous fat, chest-wall muscle and the thoracic cavity (filled with mediastinal fat):
     per-slice superellipses; the cavity narrows towards the thoracic inlet, the wall thickens there (shoulder
     girdle muscles). Sets ``body / wall / cavity / cavity_dims`` and protects everything outside the cavity."""
-    canvas, frame, p, tissue = scene.canvas, scene.frame, scene.params, scene.tissue
+    canvas, frame, p = scene.canvas, scene.frame, scene.params
     x_mm, y_mm, z_mm = canvas.x_mm, canvas.y_mm, canvas.z_mm
     apex = p["apex"]
     phase = scene.uniform(0, 2 * np.pi, size=2)
@@ -1581,15 +1589,7 @@ def paint_chest_wall(scene: _ChestScene) -> None:
         yn = np.where(anterior, y_abs / depth_ant[None, :].astype(np.float32), y_abs / depth_post[None, :].astype(np.float32))
         gy = np.where(anterior, yn * yn, yn ** np.float32(2.6))
         layers.append((gx.astype(np.float32), gy.astype(np.float32)))
-    scene.body, scene.wall, scene.cavity = (np.empty(canvas.shape, dtype=bool) for _ in range(3))
-    v_air, v_sub, v_mus, v_vis = (np.float32(tissue[k]) for k in ("air", "subfat", "muscle", "visfat"))
-    for i in range(canvas.shape[0]):
-        for mask, (gx, gy) in zip((scene.body, scene.wall, scene.cavity), layers):
-            np.less_equal(gx[i][None, :] + gy, 1, out=mask[i])
-        canvas.hu[i] = np.where(
-            scene.cavity[i], v_vis, np.where(scene.wall[i], v_mus, np.where(scene.body[i], v_sub, v_air))
-        )
-    np.logical_not(scene.cavity, out=canvas.protected)
+    _fill_body_layers(scene, layers)
 
 
 def map_chest_diaphragm(scene: _ChestScene) -> None:
@@ -2053,7 +2053,7 @@ def paint_covid_opacities(scene: _ChestScene) -> None:
     the pleura); ground glass (-720 to -470 HU, soft edges, textured, vessels kept) and, in half of the affected
     subjects, consolidations (-90 to +35 HU, over the vessels) with a ground-glass halo. Records
     ``scene.findings``."""
-    canvas, tissue, rng = scene.canvas, scene.tissue, scene.opacity_rng
+    canvas, rng = scene.canvas, scene.opacity_rng
     u = rng.uniform
     affected = u() < _OPACITY_FRACTION
     severity = u()
@@ -2119,7 +2119,6 @@ def paint_chest_airways(scene: _ChestScene) -> None:
     soft-tissue wall (partial-volume weakened below a voxel); painted last (air bronchograms in consolidation)."""
     canvas, frame, tissue, u = scene.canvas, scene.frame, scene.tissue, scene.uniform
     szs, s = frame.scale_z, frame.scale_organ**0.5
-    cp = scene.cpoint
     allowed = scene.cavity & ~canvas.protected
     top = canvas.z_mm[-1] + 10.0
     z_car = 125.0 * szs + u(-8, 8)
