@@ -20,8 +20,23 @@ def test_notebook_parameters_cell():
     exec(first.source, {}, names)  # plain assignments only
     assert names["preset"] == "demo" and names["data_root"] == "" and names["json_path"] == ""
     assert names["logdir"] == "runs/ssl" and names["overrides"] == {}
-    assert not any(c.get("outputs") for c in code), "the committed notebook should be saved without outputs"
     assert "cuda:0" not in "".join(c.source for c in code)
+
+
+@pytest.mark.parametrize("name", ["ssl_train.ipynb", "ssl_finetune.ipynb"])
+def test_committed_notebooks_are_executed_demo_copies(name):
+    """What a reader sees on GitHub: the demo's executed copy, top to bottom, without an error, its
+    plots included, under 3 MB."""
+    path = os.path.join(ROOT, name)
+    assert os.path.getsize(path) < 3 * 1024 * 1024
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    counts = [c.get("execution_count") for c in code]
+    assert all(counts) and counts == sorted(counts), f"{name}: not executed top to bottom: {counts}"
+    outputs = [o for c in code for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 4
+    assert nb.metadata.get("papermill", {}).get("parameters", {}).get("preset") == "demo"
 
 
 @pytest.mark.slow
