@@ -32,13 +32,24 @@ A volume smaller than the ROI is fine: the transforms pad it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
+
+# MONAI 1.6.1 builds a DICOM reader (NvImgCodecPydicomReader) inside every LoadImage whenever pydicom
+# is installed (``ssl_utils.prepare`` needs it), and on machines without nvImageCodec that reader
+# logs and warns, once per transform chain, that it falls back to pydicom's own decoders. The
+# datalists name NIfTI files only, so the notice says nothing about this project's data: it is
+# silenced here, by its exact text, and nothing else is.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register",
+                        category=UserWarning)
 
 
 class DatalistError(ValueError):
@@ -65,6 +76,45 @@ def read_datalist_json(json_path: str | os.PathLike) -> dict[str, Any]:
             f"datalist {path}: expected a JSON object with lists of entries, found {type(content).__name__}"
         )
     return content
+
+
+def datalist_label_names(json_path: str | os.PathLike) -> dict[int, str] | None:
+    """The datalist's ``labels`` map as ``{index: name}`` (``None`` when it has none).
+
+    The map (``{"0": "background", "1": "lesion"}``) names every class the label maps hold; its
+    indices must run from 0 to K-1 without gaps, since they are the segmentation network's K output
+    channels. Raises ``DatalistError`` naming the datalist and every bad key.
+    """
+    content = read_datalist_json(json_path)
+    labels = content.get("labels")
+    if labels is None:
+        return None
+    where = f"datalist {json_path}, key 'labels'"
+    if not isinstance(labels, dict) or not labels:
+        raise DatalistError(f"{where}: expected an object of class index -> name, e.g. {{\"0\": \"background\", "
+                            f"\"1\": \"liver\"}}, found {labels!r}")
+    names: dict[int, str] = {}
+    problems: list[str] = []
+    for key, name in labels.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            problems.append(f"key {key!r} is not a class index (an integer)")
+            continue
+        if index < 0 or not isinstance(name, str) or not name.strip():
+            problems.append(f"entry {key!r}: {name!r}: expected an index >= 0 and a non-empty name")
+            continue
+        names[index] = name.strip()
+    if names:
+        gaps = sorted(set(range(max(names) + 1)) - set(names))
+        if gaps:
+            problems.append(f"class indices must run from 0 to {max(names)} without gaps (they are the network's output "
+                            f"channels); missing {gaps}")
+    if len(names) == 1 and not problems:
+        problems.append("only one class: segmentation needs background and at least one more class")
+    if problems:
+        raise DatalistError(f"{where}: " + "; ".join(problems))
+    return dict(sorted(names.items()))
 
 
 def _root(json_path: str | os.PathLike, data_root: str | os.PathLike | None) -> str:

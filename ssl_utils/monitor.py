@@ -42,6 +42,7 @@ def monitor_entries(cfg: Mapping[str, Any], probe_json: str | None, probe_root: 
     """
     from .data import preflight_datalist
     from .finetune import resolve_ft_data
+    from .finetune.inputs import config_for_classes
 
     if not probe_json and pretrain_root and not _inside(pretrain_root, cohort_root):
         raise ValueError(
@@ -49,6 +50,7 @@ def monitor_entries(cfg: Mapping[str, Any], probe_json: str | None, probe_root: 
             "datalist, e.g. json_files/btcv/dataset_0_init_6.json) and probe_data_root, or set probe_every=0"
         )
     root, path = resolve_ft_data(cfg, probe_root, probe_json, cohort_root)
+    cfg, _ = config_for_classes(cfg, path)  # the datalist's own classes (its labels map), else BTCV's
     n_fit, n_score = int(cfg["probe_fit_volumes"]), int(cfg["probe_score_volumes"])
     checked = preflight_datalist(path, root, keys=("training",), require_label=True, num_classes=cfg["out_channels"],
                                  window=(cfg["ft_a_min"], cfg["ft_a_max"]), progress=False)
@@ -80,6 +82,11 @@ class ProbeMonitor:
         from .probe import probe_loaders
         from .speedups import apply_speedups
 
+        self.class_names = None
+        if source:  # the datalist's own classes (its labels map), else BTCV's
+            from .finetune.inputs import config_for_classes
+
+            cfg, self.class_names = config_for_classes(cfg, source)
         self.cfg, self.precision, self.source = cfg, precision, source
         self.seed = mix_seed(int(cfg["seed"]), _SEED_SALT)
         self.n_fit, self.n_score = len(fit_entries), len(score_entries)
@@ -116,6 +123,7 @@ class ProbeMonitor:
             torch.manual_seed(self.seed)
             probe = LinearProbe(self.vit, cfg["hidden_size"], cfg["patch_size"], cfg["out_channels"]).to(dev)
             iterations = int(cfg["probe_monitor_iterations"])
-            _, final = fit_probe(probe, self.loaders, cfg, self.precision, self.seed, iterations, iterations)
+            _, final = fit_probe(probe, self.loaders, cfg, self.precision, self.seed, iterations, iterations,
+                                 class_names=self.class_names)
         return {"probe_dice": float(final["mean_dice"]), "probe_time_s": time.perf_counter() - t0}
 

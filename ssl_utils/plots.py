@@ -473,8 +473,8 @@ def _ft_result_parts(result: Any) -> tuple[list[dict[str, Any]], list[float]]:
 
 def plot_finetune_curves(result: Any, path: str | None = None, title: str | None = None):
     """Fine-tuning curves, two panels: the DiceCE training loss per iteration (faint) with its
-    moving average, and the validation mean Dice (13 organs; dashed: with background) at each
-    evaluation.
+    moving average, and the validation mean Dice (over the run's classes, e.g. BTCV's 13 organs;
+    dashed: with background) at each evaluation.
 
     ``result``: what ``finetune`` returns, or its ``logdir`` (``history.json``, ``train_loss.csv``).
     """
@@ -494,7 +494,10 @@ def plot_finetune_curves(result: Any, path: str | None = None, title: str | None
     if rows:
         it = [r["iteration"] for r in rows]
         dice = [100 * r["val_mean_dice"] for r in rows]
-        ax_d.plot(it, dice, "o-", color="tab:red", label="mean Dice, 13 organs")
+        from .organs import count_label
+
+        classes = [k[5:] for k in rows[-1] if k.startswith("dice_")]  # the run's foreground classes
+        ax_d.plot(it, dice, "o-", color="tab:red", label=f"mean Dice, {count_label(classes)}" if classes else "mean Dice")
         if all("val_mean_dice_with_bg" in r for r in rows):
             ax_d.plot(it, [100 * r["val_mean_dice_with_bg"] for r in rows], "o--", color="tab:red", alpha=0.45,
                       label="with background")

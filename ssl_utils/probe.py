@@ -110,10 +110,12 @@ def _probe_data(cfg: Config, data_root, json_path, cohort_root, n_train, seed: i
 
 
 def fit_probe(probe: LinearProbe, loaders, cfg: Mapping[str, Any], precision, seed: int, iterations: int,
-              eval_every: int, progress: bool = False, desc: str = "linear probe") -> tuple[list[list[float]], dict[str, Any]]:
+              eval_every: int, progress: bool = False, desc: str = "linear probe",
+              class_names: Sequence[str] | None = None) -> tuple[list[list[float]], dict[str, Any]]:
     """Train the probe's head (Adam at ``probe_lr``, Dice + cross-entropy) for ``iterations``
     steps on ``loaders`` (from ``probe_loaders``) and evaluate it every ``eval_every`` steps and at
-    the end. Returns (curve ``[[iteration, mean Dice]]``, the last evaluation's metrics)."""
+    the end. ``class_names``: every class, background first (default BTCV's). Returns (curve
+    ``[[iteration, mean Dice]]``, the last evaluation's metrics)."""
     from monai.losses import DiceCELoss
     from tqdm.auto import tqdm
 
@@ -148,7 +150,7 @@ def fit_probe(probe: LinearProbe, loaders, cfg: Mapping[str, Any], precision, se
             bar.update(1)
             bar.set_postfix(loss=f"{loss[0].item():.4f}")
             if state["iteration"] % eval_every == 0 or state["iteration"] == iterations:
-                final = evaluate(probe, val_loader, cfg, precision)
+                final = evaluate(probe, val_loader, cfg, precision, class_names=class_names)
                 curve.append([state["iteration"], final["mean_dice"]])
                 probe.train()
             if state["iteration"] >= iterations:
@@ -172,12 +174,17 @@ def train_probe(
     log=print,
 ) -> "ProbeResult":
     """Train a linear probe's head on the labeled training volumes and evaluate it like fine-tuning
-    (sliding-window inference, Dice per case and organ, averaged over cases).
+    (sliding-window inference, Dice per case and class, averaged over cases). The classes come
+    from the datalist's ``labels`` map (BTCV's 13 organs without one), as in ``finetune``.
 
     Same seed, same data order, crops and head initialisation for both encoders. Returns a
     ``ProbeResult`` (``curve`` [[iteration, mean Dice]], ``final`` metrics, ``encoder_unchanged``).
     """
+    from .finetune import config_for_classes, resolve_ft_data
+
     cfg = get_config(cfg, probe_iterations=iterations, ft_eval_every=eval_every)
+    data_root, json_path = resolve_ft_data(cfg, data_root, json_path, cohort_root, n_train)
+    cfg, class_names = config_for_classes(cfg, json_path)
     precision = setup_run(cfg, device, seed)
     loaders = _probe_data(cfg, data_root, json_path, cohort_root, n_train, seed)
     probe, report = build_probe(cfg, pretrained_path, seed)
@@ -185,7 +192,7 @@ def train_probe(
     before = {k: v.detach().clone() for k, v in probe.encoder.state_dict().items()}
     arm = "pre-trained" if pretrained_path else "random"
     curve, final = fit_probe(probe, loaders, cfg, precision, seed, cfg["probe_iterations"], cfg["ft_eval_every"],
-                             progress, desc=f"linear probe ({arm} encoder, seed {seed})")
+                             progress, desc=f"linear probe ({arm} encoder, seed {seed})", class_names=class_names)
     after = probe.encoder.state_dict()
     unchanged = all(torch.equal(before[k], after[k].detach()) for k in before)
     log(f"linear probe ({arm} encoder, seed {seed}): mean Dice {final.get('mean_dice', float('nan')):.4f}")

@@ -121,8 +121,11 @@ def summary_table(stats: dict[str, dict[str, Any]], label: str) -> str:
 
 
 def organ_table(records: Sequence[dict[str, Any]], sizes: Sequence[int], organs: Sequence[str], metric: str) -> str:
-    """Markdown: per organ, mean over seeds of each arm and the paired difference with its CI."""
-    head = "| Organ | " + " | ".join(f"{n} vol.: random / pre-trained / diff [95% CI]" for n in sizes) + " |"
+    """Markdown: per organ (or class of the datalist's own label set), mean over seeds of each arm
+    and the paired difference with its CI."""
+    from .organs import are_btcv_organs
+
+    head = f"| {'Organ' if are_btcv_organs(organs) else 'Class'} | " + " | ".join(f"{n} vol.: random / pre-trained / diff [95% CI]" for n in sizes) + " |"
     lines = [head, "|---|" + "---|" * len(sizes)]
     for organ in organs:
         cells = []
@@ -140,8 +143,11 @@ def plot_study(records: Sequence[dict[str, Any]], probe: Sequence[dict[str, Any]
     sizes = sorted({r["size"] for r in records})
     panels = len(sizes) + (1 if probe else 0)
     fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
+    from .organs import count_label
+
     colours = {"random": "tab:gray", "pretrained": "tab:red"}
     labels = {"random": "random init", "pretrained": "pre-trained encoder"}
+    classes = list(records[0].get("final_organ", {})) if records else []  # the foreground classes
 
     def draw(ax, recs, title):
         for arm in ("random", "pretrained"):
@@ -157,7 +163,7 @@ def plot_study(records: Sequence[dict[str, Any]], probe: Sequence[dict[str, Any]
             ax.fill_between(its, mean - sd, mean + sd, color=colours[arm], alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("iteration")
-        ax.set_ylabel("validation mean Dice, 13 organs (%)")
+        ax.set_ylabel(f"validation mean Dice, {count_label(classes)} (%)" if classes else "validation mean Dice (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
 
@@ -186,7 +192,7 @@ def run_study(
     """Run (or resume) the whole study; returns the dict written to ``out/study.json``."""
     from .config import get_config
     from .finetune import compare_init
-    from .organs import organ_names
+    from .organs import are_btcv_organs, count_label, organ_names
     from .pretrain import pretrain
     from .probe import train_probe
     from .synthetic import make_cohort_from_config
@@ -216,7 +222,7 @@ def run_study(
     comp = compare_init(cfg, sizes, seed_list, best, logdir=os.path.join(out, "compare"), progress=progress,
                         log=log, cohort_root=cohort_root)
     timings["finetune_s"] = time.perf_counter() - t0
-    organs = organ_names(int(cfg["out_channels"]))
+    organs = list(comp["class_names"][1:]) or organ_names(int(cfg["out_channels"]))  # the datalist's classes
     records = curve_metrics(comp["runs"], organs)
 
     probe_n = int(probe_size or min(sizes))
@@ -262,6 +268,7 @@ def run_study(
         "probe_stats": probe_stats,
         "figure": fig_path,
     }
+    word = "organ" if are_btcv_organs(organs) else "class"
     report = (
         f"Study on the embedded synthetic cohort, preset `{preset}`, {len(seed_list)} paired seeds; "
         f"{result['date']}; {result['machine']}; total {timings['total_s'] / 60:.0f} min "
@@ -269,13 +276,13 @@ def run_study(
         f"probe {timings['probe_s'] / 60:.0f}).\n"
         f"Budget: pre-training {cfg['ssl_epochs']} epochs; fine-tuning {cfg['ft_iterations']} iterations "
         f"(evaluation every {cfg['ft_eval_every']}); probe {cfg['probe_iterations']} iterations.\n\n"
-        "Mean Dice over the 13 organs (%), mean ± sd over seeds; difference = pre-trained − random, paired by "
+        f"Mean Dice over the {count_label(organs)} (%), mean ± sd over seeds; difference = pre-trained − random, paired by "
         "seed, with a 95% paired-t interval. AUC = area under the validation Dice curve divided by its length "
         "(the curve's average height): early convergence shows there first.\n\n"
         "**Full fine-tuning (UNETR)**\n\n" + summary_table(stats, "Training volumes")
         + "\n**Linear probe on the frozen encoder**\n\n" + summary_table(probe_stats, "Training volumes")
-        + "\n**Per organ, final Dice (%)**\n\n" + organ_table(records, sizes, organs, "final")
-        + "\n**Per organ, AUC of the Dice curve (%)**\n\n" + organ_table(records, sizes, organs, "auc")
+        + f"\n**Per {word}, final Dice (%)**\n\n" + organ_table(records, sizes, organs, "final")
+        + f"\n**Per {word}, AUC of the Dice curve (%)**\n\n" + organ_table(records, sizes, organs, "auc")
     )
     result["report"] = report
     write_json(os.path.join(out, "study.json"), result)

@@ -217,3 +217,17 @@ def test_monitor_uses_the_embedded_labeled_cohort_when_pre_training_on_the_embed
     root = os.path.dirname(smoke_cohort["tcia_root"])
     fit, score, path = monitor_entries(cfg, None, None, smoke_cohort["tcia_root"], cohort_root=root)
     assert len(fit) == 1 and len(score) == 2 and os.path.realpath(path).startswith(os.path.realpath(root))
+
+
+def test_monitor_probes_the_classes_of_its_labeled_datalist(lesion_dataset, smoke_cohort, tmp_path):
+    """A user's labeled datalist with its own classes (background, lesion): the probe head has their
+    number of channels and the score is their mean Dice."""
+    from ssl_utils.models import build_vitautoenc
+    from ssl_utils.monitor import ProbeMonitor, monitor_entries
+    from ssl_utils.runtime import Precision
+
+    cfg = get_config("smoke", probe_every=1, probe_score_volumes=1)  # its 2 training volumes: fit 1, score 1
+    fit, score, path = monitor_entries(cfg, lesion_dataset.json_path, lesion_dataset.out, smoke_cohort["tcia_root"])
+    monitor = ProbeMonitor(cfg, fit, score, Precision(torch.device("cpu"), None), source=path)
+    assert monitor.cfg["out_channels"] == 2 and list(monitor.class_names) == ["background", "lesion"]
+    assert 0.0 <= monitor.score(build_vitautoenc(cfg))["probe_dice"] <= 1.0

@@ -106,3 +106,31 @@ def test_notebook_without_a_checkpoint_runs_random_init_only(tmp_path, smoke_coh
     assert row.count("n/a") == 2  # pre-trained Dice and relative improvement
     with open(os.path.join(logdir, "compare", "results.json")) as f:
         assert [r["arm"] for r in json.load(f)["runs"]] == ["random"]
+
+
+@pytest.mark.slow
+def test_notebook_on_a_user_datalist_with_its_own_classes(tmp_path, lesion_dataset):
+    """The user's ``json_path`` (``ssl_utils.prepare``'s dataset.json, classes "background" and
+    "lesion") drives the single run and the comparison; ``train_sizes: [1]`` is a subset of it."""
+    logdir = str(tmp_path / "ft")
+    nb = run_notebook(
+        tmp_path,
+        preset="smoke",
+        data_root=lesion_dataset.out,
+        json_path=lesion_dataset.json_path,
+        logdir=logdir,
+        pretrained_path=str(tmp_path / "no_such_run" / "best_model.pt"),
+        train_sizes=[1],
+        seeds=[0],
+        overrides={"ft_iterations": 2, "ft_eval_every": 1},
+    )
+    text = outputs(nb)
+    assert "2 classes: 0 background, 1 lesion" in text
+    assert "mean (1 class)" in text and "| lesion |" in text
+    assert "spleen" not in text and "13 organs" not in text
+    compare = os.path.join(logdir, "compare")
+    with open(os.path.join(compare, "results.json")) as f:
+        runs = json.load(f)["runs"]
+    assert [(r["size"], r["arm"], list(r["per_organ"])) for r in runs] == [(1, "random", ["lesion"])]
+    with open(os.path.join(compare, "datalists", "datalist_n1.json")) as f:
+        assert len(json.load(f)["training"]) == 1

@@ -1,7 +1,9 @@
 """Random initialisation against the pre-trained encoder: both arms, paired by seed, every size.
 
 ``compare_init`` runs ``finetune`` for every (training-set size, seed, arm) with the same budget
-and writes ``results.json`` (every run, updated after each one) and ``results_table.md``.
+and writes ``results.json`` (every run, updated after each one) and ``results_table.md``. The
+training sets of the sizes come from one datalist (its first N training entries, nested), from
+one datalist per size (``json_template``), or from the embedded cohort.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..config import get_config
 from ..engine import Result
 from ..io import jsonable, write_json, write_text
 from . import report
+from .inputs import count_training, default_train_sizes, nested_datalist
 from .loop import finetune
 from .report import ARM_LABELS, ARMS
 
@@ -35,6 +38,7 @@ class CompareResult(Result):
     paired_table: str
     paths: dict[str, str]
     time_s: float
+    class_names: list[str] = dataclasses.field(default_factory=list)  # every class, background first
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -97,24 +101,45 @@ def compare_init(
     resume: bool = True,
     device: str | None = None,
     cohort_root: str = "data/synthetic",
+    json_path: str | None = None,
 ) -> CompareResult:
     """Fine-tune from random initialisation and from the pre-trained encoder, with the same budget,
     for every training-set size and seed; write ``results.json`` and ``results_table.md`` to
     ``logdir``.
 
     ``train_sizes``: numbers of labeled training volumes (default: ``cfg["synth_train_sizes"]``
-    on the embedded cohort, 6/12/24 on real data). ``seeds``: default ``[0, 1]``; with the same
+    on the embedded cohort, 6/12/24 with ``json_template``, and with ``json_path``
+    ``default_train_sizes`` of its training count: 6/12/24 where they fit, and all of them). ``seeds``: default ``[0, 1]``; with the same
     seed both arms see the same data order, crops and decoder initialisation. ``pretrained_path``:
     ``None`` runs the random arm only (the pre-trained column then reads "n/a"); a path that does
-    not exist is an error. Real data: ``data_root`` and ``json_template`` such as
-    ``"json_files/btcv/dataset_0_init_{n}.json"``. With ``resume=True`` (default) a run whose
+    not exist is an error. Own data: ``json_path``, a labeled datalist (paths relative to
+    ``data_root``, default its folder); each size N trains on its first N training entries
+    (nested subsets, written to ``logdir/datalists/``) and all sizes share its validation list.
+    Or one datalist per size: ``data_root`` and ``json_template`` such as
+    ``"json_files/btcv/dataset_0_init_{n}.json"``. The classes (UNETR's output channels, every
+    table) come from the datalist's ``labels`` map, BTCV's 13 organs without one. With ``resume=True`` (default) a run whose
     folder already holds a checkpoint with the same settings is continued or, when finished, reused.
     Dice values in the result are fractions in [0, 1]; the tables show percent.
     """
     cfg = get_config(cfg)
-    if data_root and not json_template:
-        raise ValueError("data_root is given but json_template is empty; e.g. json_files/btcv/dataset_0_init_{n}.json")
-    sizes = [int(n) for n in (train_sizes if train_sizes is not None else (6, 12, 24) if data_root else cfg["synth_train_sizes"])]
+    if data_root and not (json_template or json_path):
+        raise ValueError("data_root is given but neither json_path (a labeled datalist, e.g. the dataset.json of "
+                         "python -m ssl_utils.prepare) nor json_template (e.g. json_files/btcv/dataset_0_init_{n}.json)")
+    subsets = bool(json_path) and not json_template
+    if train_sizes is not None:
+        sizes = [int(n) for n in train_sizes]
+    elif subsets:
+        sizes = default_train_sizes(count_training(str(json_path), data_root))
+    else:
+        sizes = [int(n) for n in ((6, 12, 24) if json_template else cfg["synth_train_sizes"])]
+    if not sizes:
+        raise ValueError("train_sizes is empty; give at least one training-set size")
+    datalists: dict[int, str | None] = {}
+    for n in sizes:  # every subset is written (and every size checked) before the first run
+        if subsets:
+            datalists[n] = nested_datalist(str(json_path), data_root, n, os.path.join(logdir, "datalists"))
+        else:
+            datalists[n] = json_template.format(n=n) if json_template else None
     seeds = [0, 1] if seeds is None else [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed")
@@ -124,30 +149,34 @@ def compare_init(
     log(f"comparison: {len(plan)} runs ({len(sizes)} training-set sizes x {len(seeds)} seeds x {len(arms)} arms), "
         f"{cfg['ft_iterations']} iterations each, evaluation every {cfg['ft_eval_every']}")
     runs: list[dict[str, Any]] = []
+    class_names: list[str] = []
     paths = {"json": os.path.join(logdir, "results.json"), "table": os.path.join(logdir, "results_table.md")}
     t_all = time.perf_counter()
     for k, (n, seed, arm) in enumerate(plan, start=1):
         log(f"[{k}/{len(plan)}] {n} training volumes, seed {seed}, {ARM_LABELS[arm].lower()}")
         t0 = time.perf_counter()
         res = finetune(
-            cfg.replace(seed=seed), data_root=data_root, json_path=json_template.format(n=n) if data_root else None,
+            cfg.replace(seed=seed), data_root=None if subsets else data_root, json_path=datalists[n],
             logdir=compare_run_dir(logdir, n, seed, arm), pretrained_path=pretrained_path if arm == "pretrained" else None,
             use_pretrained=arm == "pretrained", resume="auto" if resume else False, device=device, progress=progress,
             cohort_root=cohort_root, n_train=n,
             log=lambda msg: log("    " + msg) if ("resumed" in msg or "new run" in msg) else None,
         )
         runs.append(run_summary(res, n, seed, arm, time.perf_counter() - t0))
+        class_names = list(res.class_names)
         del res
         s = runs[-1]
         log(f"    final mean Dice {100 * s['final']:.2f}% (best {100 * s['best']:.2f}% at iteration "
             f"{s['best_iteration']}) in {s['time_s']:.0f} s")
         write_json(paths["json"], {"config": cfg, "runs": runs})
-    partial = {"runs": runs, "config": jsonable(cfg), "seeds": seeds, "arms": arms}
+    if class_names and len(class_names) != int(cfg["out_channels"]):
+        cfg = cfg.replace(out_channels=len(class_names))  # as the runs were configured (the datalist's classes)
+    partial = {"runs": runs, "config": jsonable(cfg), "seeds": seeds, "arms": arms, "class_names": class_names}
     paired = report.paired_summary(partial, metric="final")
     results = CompareResult(
         runs, partial["config"], seeds, arms, report.results_table_markdown(partial, "final"),
         report.results_table_markdown(partial, "best"), report.per_organ_table_markdown(partial, "final"), paired,
-        report.paired_table_markdown(paired), paths, time.perf_counter() - t_all,
+        report.paired_table_markdown(paired), paths, time.perf_counter() - t_all, class_names,
     )
     write_json(paths["json"], results)
     write_text(paths["table"], report.comparison_report_markdown(results))

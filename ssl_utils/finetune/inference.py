@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,12 +47,15 @@ def predict_labels(model: nn.Module, image: torch.Tensor, cfg: Mapping[str, Any]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Precision) -> dict[str, Any]:
+def evaluate(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Precision,
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
     """Mean Dice over the validation cases (sliding-window inference, argmax, per-case Dice).
 
-    Each case is scored on its own (``dice_with_background``) and the per-case values are
-    averaged once over cases (not a running mean averaged again). Returns ``{"mean_dice"`` (13
-    organs), ``"mean_dice_with_bg"``, ``"per_organ"`` {name: Dice}, ``"per_case"`` [[13 values]],
+    ``class_names``: every class, background first (``cfg["out_channels"]`` of them; default
+    BTCV's). Each case is scored on its own (``dice_with_background``) and the per-case values are
+    averaged once over cases (not a running mean averaged again). Returns ``{"mean_dice"`` (the
+    foreground classes, e.g. BTCV's 13 organs), ``"mean_dice_with_bg"``, ``"per_organ"`` {class
+    name: Dice}, ``"per_case"`` [[one value per foreground class]],
     ``"per_case_mean"``, ``"n_excluded"`` (organ/case pairs absent from both), ``"cases"`` (file
     names), ``"n_nonfinite"`` (logits that are NaN or Inf: a diverged model)``}``. Dice values are
     fractions in [0, 1].
@@ -62,6 +65,8 @@ def evaluate(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Precis
     rows: list[np.ndarray] = []
     cases: list[str] = []
     nc = int(cfg["out_channels"])
+    if class_names is not None and len(class_names) != nc:
+        raise ValueError(f"{len(class_names)} class names {list(class_names)} for out_channels={nc}")
     nonfinite = 0
     try:
         for batch in loader:
@@ -77,7 +82,7 @@ def evaluate(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Precis
         model.train(was_training)
     if not rows:
         raise ValueError("the validation loader yielded no case")
-    out = summarize_dice(rows, organ_names(nc))
+    out = summarize_dice(rows, list(class_names[1:]) if class_names is not None else organ_names(nc))
     out["cases"] = cases
     out["n_nonfinite"] = nonfinite
     return out

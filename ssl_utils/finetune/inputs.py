@@ -1,4 +1,5 @@
-"""Where fine-tuning's data comes from (a datalist, or the embedded cohort) and the epoch order."""
+"""Where fine-tuning's data comes from (a datalist, or the embedded cohort), its classes, the
+nested training subsets a comparison uses, and the epoch order."""
 
 from __future__ import annotations
 
@@ -8,6 +9,74 @@ from typing import Any, Mapping
 import torch
 
 from ..datasets import mix_seed
+
+BTCV_OUT_CHANNELS = 14  # the config's default out_channels: BTCV's background + 13 organs
+
+
+def config_for_classes(cfg: Any, json_path: str) -> tuple[Any, tuple[str, ...]]:
+    """``(cfg, class names)`` for a labeled datalist: the classes (index 0 = background) come from
+    its ``labels`` map when it has one (BTCV's 14 classes otherwise), and ``out_channels`` (UNETR's
+    output channels, the loss, Dice) is set to their number.
+
+    An ``out_channels`` set explicitly to another value than the datalist's number of classes is
+    an error naming both; without a ``labels`` map ``cfg["out_channels"]`` is kept (classes beyond
+    BTCV's 13 organs are called ``class k``).
+    """
+    from ..data import DatalistError, datalist_label_names
+    from ..organs import class_names, organ_names
+
+    labels = datalist_label_names(json_path)
+    if labels is None:
+        n = int(cfg["out_channels"])
+        return cfg, ("background", *organ_names(n))
+    names = class_names(labels)
+    current = int(cfg["out_channels"])
+    if current != len(names) and current != BTCV_OUT_CHANNELS:
+        raise DatalistError(
+            f"datalist {json_path}: its labels map has {len(names)} classes ({', '.join(names)}) but out_channels "
+            f"is set to {current}; remove the out_channels override (the datalist decides) or fix the labels map"
+        )
+    return (cfg.replace(out_channels=len(names)) if current != len(names) else cfg), names
+
+
+def default_train_sizes(n_available: int) -> list[int]:
+    """Training-set sizes to compare on a datalist with ``n_available`` training volumes: the
+    reference's 6 / 12 / 24 where they fit, and all of them (``[6, 12, 24]`` for 24; ``[6, 10]``
+    for 10; ``[3]`` for 3)."""
+    n = int(n_available)
+    return [s for s in (6, 12, 24) if s < n] + [n]
+
+
+def nested_datalist(json_path: str, data_root: str | None, n: int, folder: str) -> str:
+    """A datalist of the first ``n`` training entries of ``json_path`` (same validation list and
+    ``labels`` map, paths made absolute against ``data_root``), written to
+    ``folder/datalist_n{n}.json``; returns its path. Subsets of one datalist are nested: the
+    ``n = 6`` volumes are among the ``n = 12``. Raises ``DatalistError`` when the datalist holds
+    fewer than ``n`` training entries."""
+    from ..data import DatalistError, load_datalist, read_datalist_json
+    from ..io import write_json
+
+    content = read_datalist_json(json_path)
+    train = load_datalist(json_path, data_root, "training", require_label=True)
+    val = load_datalist(json_path, data_root, "validation", require_label=True)
+    if not 1 <= int(n) <= len(train):
+        raise DatalistError(
+            f"datalist {json_path}: training-set size {n} asked for, but the datalist holds {len(train)} training "
+            f"entries; choose train_sizes in 1..{len(train)}"
+        )
+    out = {k: v for k, v in content.items() if k not in ("training", "validation", "numTraining")}
+    out.update({"subset_of": os.path.abspath(json_path), "training": train[: int(n)], "validation": val})
+    path = os.path.join(folder, f"datalist_n{int(n)}.json")
+    os.makedirs(folder, exist_ok=True)
+    write_json(path, out, what="datalist")
+    return path
+
+
+def count_training(json_path: str, data_root: str | None) -> int:
+    """The number of training entries of a labeled datalist (structure only, no file opened)."""
+    from ..data import load_datalist
+
+    return len(load_datalist(json_path, data_root, "training", require_label=True))
 
 def resolve_ft_data(
     cfg: Mapping[str, Any],

@@ -1,6 +1,8 @@
 """The fine-tuning loop: UNETR with a random or a pre-trained ViT encoder, DiceCE, fixed budget.
 
-``finetune(cfg, ...)`` reads and checks a BTCV-style datalist, builds UNETR, copies a pre-trained
+``finetune(cfg, ...)`` reads and checks a labeled datalist (its ``labels`` map, when it has one,
+sets the classes: UNETR's output channels, the loss, Dice and every table; BTCV's 13 organs
+otherwise), builds UNETR, copies a pre-trained
 ViT encoder into ``unetr.vit`` (or keeps it random), trains with one ``ssl_utils.engine.train_step``
 per iteration, evaluates with sliding-window inference every ``ft_eval_every`` iterations, and
 writes ``best_model.pt`` (highest mean Dice) and ``last_model.pt`` (atomically, resumable bitwise,
@@ -29,7 +31,7 @@ from ..models import TransferReport, build_unetr, load_pretrained_vit
 from ..runtime import Precision, optimizer_kwargs
 from ..speedups import apply_speedups
 from .inference import evaluate
-from .inputs import EpochSampler, resolve_ft_data
+from .inputs import EpochSampler, config_for_classes, resolve_ft_data
 
 BEST_NAME = "best_model.pt"
 LAST_NAME = "last_model.pt"
@@ -62,6 +64,7 @@ class FinetuneResult(Result):
     train_dataset: Any
     precision: Precision
     use_pretrained: bool
+    class_names: tuple[str, ...] = ()  # every class, index 0 (background) first
 
 
 def _fingerprint(path: str | None) -> str | None:
@@ -73,8 +76,21 @@ def _fingerprint(path: str | None) -> str | None:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
+def check_head(state_dict: Mapping[str, Any], class_names: tuple[str, ...] | list[str], path: str) -> None:
+    """Raise ``CheckpointError`` when the output layer of a UNETR state dict (``out.conv.conv``) does
+    not have one channel per class of ``class_names`` (the datalist's classes)."""
+    weight = state_dict.get("out.conv.conv.weight") if isinstance(state_dict, Mapping) else None
+    if weight is None or not class_names:
+        return
+    if int(weight.shape[0]) != len(class_names):
+        raise CheckpointError(
+            f"{path}: its output layer has {int(weight.shape[0])} classes, the datalist has {len(class_names)} "
+            f"({', '.join(class_names)}): the checkpoint was trained on another label set"
+        )
+
+
 def _check_resumable(ckpt: Any, cfg: Config, use_pretrained: bool, n_train: int, path: str, same_run: bool = False,
-                     pretrained_path: str | None = None) -> None:
+                     pretrained_path: str | None = None, class_names: tuple[str, ...] = ()) -> None:
     """Raise ``CheckpointError`` naming what differs when ``ckpt`` cannot be continued by this run.
 
     ``same_run``: also require every other setting and the same pre-trained file (size and
@@ -93,12 +109,16 @@ def _check_resumable(ckpt: Any, cfg: Config, use_pretrained: bool, n_train: int,
     for key in ("state_dict", "optimizer", "iteration", "epoch"):
         if key not in ckpt:
             raise CheckpointError(f"cannot resume from {path}: no {key!r} entry (not a fine-tuning checkpoint?)")
+    check_head(ckpt["state_dict"], class_names, f"cannot resume from {path}")
+    if class_names and ckpt.get("class_names") and list(ckpt["class_names"]) != list(class_names):
+        diffs.append(f"classes: checkpoint {list(ckpt['class_names'])}, this datalist {list(class_names)}")
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: it was trained with other settings: " + "; ".join(diffs))
 
 
 def _resume_checkpoint(resume: bool | str, path: str, cfg: Config, use_pretrained: bool, n_train: int,
-                       pretrained_path: str | None, say: Callable[[str], None]) -> dict | None:
+                       pretrained_path: str | None, say: Callable[[str], None],
+                       class_names: tuple[str, ...] = ()) -> dict | None:
     """The checkpoint to continue, or None. ``resume="auto"``: only exactly this run's, else a new run."""
     if not resume:
         return None
@@ -108,7 +128,8 @@ def _resume_checkpoint(resume: bool | str, path: str, cfg: Config, use_pretraine
         return None
     try:
         ckpt = load_checkpoint(path)
-        _check_resumable(ckpt, cfg, use_pretrained, n_train, path, same_run=resume == "auto", pretrained_path=pretrained_path)
+        _check_resumable(ckpt, cfg, use_pretrained, n_train, path, same_run=resume == "auto", pretrained_path=pretrained_path,
+                         class_names=class_names)
         return ckpt
     except CheckpointError as exc:
         if resume != "auto":
@@ -151,7 +172,6 @@ def _load_data(cfg: Config, data_root, json_path, cohort_root, n_train, skip_bad
     from ..data import preflight_datalist
     from ..datasets import finetune_datasets
 
-    data_root, json_path = resolve_ft_data(cfg, data_root, json_path, cohort_root, n_train)
     checked = preflight_datalist(
         json_path, data_root, keys=("training", "validation"), require_label=True, num_classes=cfg["out_channels"],
         window=(cfg["ft_a_min"], cfg["ft_a_max"]), skip_bad=skip_bad, progress=progress, log=say,
@@ -199,10 +219,12 @@ def _build_state(cfg: Config, precision: Precision, model: nn.Module, counters: 
 class _Loop:
     """The iterations of one fine-tuning run, resumable at any iteration (see ``finetune``)."""
 
-    def __init__(self, state: RunState, data: _Data, logdir: str, progress: bool, say, save_every_s: float) -> None:
+    def __init__(self, state: RunState, data: _Data, logdir: str, progress: bool, say, save_every_s: float,
+                 class_names: tuple[str, ...] = ()) -> None:
         from monai.losses import DiceCELoss
 
         self.state, self.data, self.cfg, self.say = state, data, state.config, say
+        self.class_names = tuple(class_names)
         self.best_path, self.last_path = os.path.join(logdir, BEST_NAME), os.path.join(logdir, LAST_NAME)
         self.logdir, self.progress, self.save_every_s = logdir, progress, save_every_s
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -296,7 +318,7 @@ class _Loop:
         check_finite(window, f"an iteration before {s['iteration']}", self.last_path)
         s["train_losses"] = list(s["train_losses"]) + window.cpu().tolist()
         t_eval = time.perf_counter()
-        metrics = evaluate(s.model, self.data.val_loader, self.cfg, s.precision)
+        metrics = evaluate(s.model, self.data.val_loader, self.cfg, s.precision, class_names=self.class_names or None)
         where = f"iteration {s['iteration']} (validation)"  # a diverged model is never saved, nor called best
         check_finite(torch.tensor([float("nan") if metrics["n_nonfinite"] else 0.0]), where, self.last_path,
                      what="the validation output")
@@ -378,27 +400,32 @@ def finetune(
     if use_pretrained and not os.path.isfile(str(pretrained_path)):
         raise FileNotFoundError(f"pre-trained checkpoint {pretrained_path} not found: run ssl_train.ipynb first "
                                 "(it writes <logdir>/best_model.pt), pass the right path, or set use_pretrained=False")
+    data_root, json_path = resolve_ft_data(cfg, data_root, json_path, cohort_root, n_train)
+    cfg, class_names = config_for_classes(cfg, json_path)
     precision = setup_run(cfg, device)
     say = log if is_main() else (lambda *_: None)
     os.makedirs(logdir, exist_ok=True)
     data = _load_data(cfg, data_root, json_path, cohort_root, n_train, skip_bad, progress and is_main(), say, precision.device)
-    ckpt = _resume_checkpoint(resume, os.path.join(logdir, LAST_NAME), cfg, use_pretrained, data.n_train, pretrained_path, say)
+    ckpt = _resume_checkpoint(resume, os.path.join(logdir, LAST_NAME), cfg, use_pretrained, data.n_train, pretrained_path, say,
+                              class_names)
     model, transfer = build_finetune_model(cfg, cfg["seed"], pretrained_path, use_pretrained and ckpt is None)
     if transfer is not None:
         say(f"weight transfer: {transfer}")
     counters = {"iteration": 0, "epoch": 1, "step_in_epoch": 0, "steps_per_epoch": data.steps_per_epoch, "history": [],
                 "train_losses": [], "best_dice": -1.0, "use_pretrained": bool(use_pretrained), "n_train": data.n_train,
                 "pretrained_path": str(pretrained_path) if use_pretrained else None,
-                "pretrained_fingerprint": _fingerprint(pretrained_path) if use_pretrained else None}
+                "pretrained_fingerprint": _fingerprint(pretrained_path) if use_pretrained else None,
+                "class_names": list(class_names)}
     state = _build_state(cfg, precision, model, counters)
-    loop = _Loop(state, data, logdir, progress and is_main(), say, save_every_s)
+    loop = _Loop(state, data, logdir, progress and is_main(), say, save_every_s, class_names)
     if ckpt is not None:
         state.restore(ckpt, _COUNTERS, rng=False)
         loop.continue_from(ckpt)
         say(f"resumed from {loop.last_path} at iteration {state['iteration']}")
     n_enc, n_all = sum(p.numel() for p in model.vit.parameters()), sum(p.numel() for p in model.parameters())
     say(f"fine-tuning: preset={cfg['preset']} seed={cfg['seed']} device={precision.device} precision={precision.name} "
-        f"roi={cfg['roi']} feature_size={cfg['feature_size']} | "
+        f"roi={cfg['roi']} feature_size={cfg['feature_size']} | {len(class_names)} classes "
+        f"({', '.join(class_names) if len(class_names) <= 6 else ', '.join(class_names[:5]) + ', ...'}) | "
         + (f"pre-trained encoder ({pretrained_path})" if use_pretrained else "random initialisation")
         + f" | {data.n_train} train / {data.n_val} val volumes, {cfg['ft_batch_size']}x{cfg['ft_num_samples']} crops "
         f"per iteration, {data.steps_per_epoch} iterations per epoch | UNETR {n_all / 1e6:.2f} M parameters "
@@ -410,5 +437,5 @@ def finetune(
         history, [(int(r["iteration"]), float(r["val_mean_dice"])) for r in history],
         state["best_dice"] if history else float("nan"), loop.best_path, loop.last_path, _final_metrics(loop),
         state.model, [float(v) for v in state["train_losses"]], transfer, state["iteration"], cfg, logdir,
-        data.n_train, data.n_val, data.val_ds, data.train_ds, precision, bool(use_pretrained),
+        data.n_train, data.n_val, data.val_ds, data.train_ds, precision, bool(use_pretrained), tuple(class_names),
     )

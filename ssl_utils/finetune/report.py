@@ -1,4 +1,5 @@
-"""Markdown tables of a comparison: the reference's table, per organ, and the paired differences."""
+"""Markdown tables of a comparison: the reference's table, per class (BTCV's organs or the
+datalist's own classes), and the paired differences."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..organs import are_btcv_organs, mean_label
 
 ARMS = ("random", "pretrained")
 ARM_LABELS = {"random": "Random Init", "pretrained": "Pre-trained"}
@@ -54,22 +57,30 @@ def results_table_markdown(results: dict[str, Any], metric: str = "final") -> st
     return "\n".join(lines) + "\n"
 
 
+def class_word(results: dict[str, Any]) -> str:
+    """"organ" when the runs scored BTCV's organs, "class" for any other label set."""
+    names = [o for r in results.get("runs", []) for o in r.get("per_organ", {})]
+    return "organ" if not names or are_btcv_organs(list(dict.fromkeys(names))) else "class"
+
+
 def per_organ_table_markdown(results: dict[str, Any], metric: str = "final") -> str:
-    """Dice per organ (%, mean over seeds), one column per training-set size and arm."""
+    """Dice per class (%, mean over seeds), one column per training-set size and arm; the rows are
+    the datalist's classes (BTCV's 13 organs by default) and their mean."""
     key = "per_organ" if metric == "final" else "per_organ_best"
     sizes = sorted({int(r["size"]) for r in results["runs"]})
     arms = [a for a in ARMS if any(r["arm"] == a for r in results["runs"])]
     organs: list[str] = []
     for r in results["runs"]:
         organs += [o for o in r[key] if o not in organs]
-    header = "| Organ | " + " | ".join(f"{n} vol., {ARM_LABELS[a]}" for n in sizes for a in arms) + " |"
+    header = f"| {class_word(results).capitalize()} | " + " | ".join(f"{n} vol., {ARM_LABELS[a]}" for n in sizes for a in arms) + " |"
     lines = [header, "|---|" + "---|" * (len(sizes) * len(arms))]
-    for organ in organs + ["mean (13 organs)"]:
+    mean_row = mean_label(organs)
+    for organ in organs + [mean_row]:
         cells = []
         for n in sizes:
             for a in arms:
                 sel = [r for r in results["runs"] if int(r["size"]) == n and r["arm"] == a]
-                if organ == "mean (13 organs)":
+                if organ == mean_row:
                     vals = [r[metric] for r in sel]
                 else:
                     vals = [r[key].get(organ, float("nan")) for r in sel]
@@ -130,6 +141,6 @@ def comparison_report_markdown(results: dict[str, Any]) -> str:
         + results["table_best"]
         + "\nPaired by seed (same data order, crops and decoder initialisation):\n\n"
         + results["paired_table"]
-        + "\nPer organ (%, final, mean over seeds):\n\n"
+        + f"\nPer {class_word(results)} (%, final, mean over seeds):\n\n"
         + results["per_organ_table"]
     )
