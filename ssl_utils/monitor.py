@@ -26,7 +26,7 @@ from torch import nn
 from .datasets import mix_seed
 from .runtime import Precision
 
-__all__ = ["ProbeMonitor", "monitor_entries"]
+__all__ = ["ProbeMonitor", "monitor_entries", "no_labeled_data"]
 
 _SEED_SALT = 0x5E1F  # the monitor's seed: a function of the run's seed, apart from the loops' streams
 
@@ -44,7 +44,7 @@ def monitor_entries(cfg: Mapping[str, Any], probe_json: str | None, probe_root: 
     from .finetune import resolve_ft_data
     from .finetune.inputs import config_for_classes
 
-    if not probe_json and pretrain_root and not _inside(pretrain_root, cohort_root):
+    if no_labeled_data(probe_json, pretrain_root, cohort_root):
         raise ValueError(
             f"probe_every={cfg['probe_every']} needs labeled volumes to probe with: pass probe_json (a labeled "
             "datalist, e.g. json_files/btcv/dataset_0_init_6.json) and probe_data_root, or set probe_every=0"
@@ -61,6 +61,12 @@ def monitor_entries(cfg: Mapping[str, Any], probe_json: str | None, probe_root: 
             f"'training' entries, the datalist has {len(entries)}; lower them or use a larger datalist"
         )
     return entries[:n_fit], entries[n_fit:n_fit + n_score], str(path)
+
+
+def no_labeled_data(probe_json: str | None, pretrain_root: str | None, cohort_root: str) -> bool:
+    """True when pre-training runs on the user's own data (``pretrain_root`` outside the embedded
+    cohort's ``cohort_root``) and no labeled datalist (``probe_json``) is given to probe with."""
+    return not probe_json and bool(pretrain_root) and not _inside(pretrain_root, cohort_root)
 
 
 def _inside(path: str, folder: str) -> bool:

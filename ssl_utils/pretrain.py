@@ -190,18 +190,27 @@ def _load_data(cfg: Config, data_root, json_path, cohort_root, skip_bad: bool, p
 
 
 def _probe_monitor(cfg: Config, probe_json, probe_data_root, data_root, cohort_root, precision: Precision, say):
-    """Rank 0: the ``ProbeMonitor`` when ``probe_every`` > 0 (its datalist checked on rank 0, the
-    verdict shared, so a bad one stops every rank before training); other ranks: ``None``."""
-    if not cfg["probe_every"]:
-        return None
-    from .monitor import ProbeMonitor, monitor_entries
+    """``(monitor, probing)``: whether the probe monitor runs (the same answer on every rank) and,
+    on rank 0, the ``ProbeMonitor`` (its datalist checked on rank 0, the verdict shared, so a bad
+    one stops every rank before training); other ranks get ``None``.
 
+    With ``probe_every`` > 0 on the user's own unlabeled data and no ``probe_json``, there is
+    nothing to probe with: the monitor is off, with a line saying how to turn it on, unless
+    ``select_by="probe"`` asks for it (then ``monitor_entries`` raises, before any training)."""
+    if not cfg["probe_every"]:
+        return None, False
+    from .monitor import ProbeMonitor, monitor_entries, no_labeled_data
+
+    if no_labeled_data(probe_json, data_root, cohort_root) and cfg["select_by"] != "probe":
+        say(f"probe monitor off: pre-training on {data_root} with no labeled datalist to probe with; pass "
+            "probe_json (and probe_data_root) to score the encoder every probe_every epochs, or set probe_every=0")
+        return None, False
     fit, score, path = run_on_main(lambda: monitor_entries(cfg, probe_json, probe_data_root, data_root, cohort_root))
     if not is_main():
-        return None
+        return None, True
     monitor = ProbeMonitor(cfg, fit, score, precision, source=path)
     say(f"probe monitor: every {cfg['probe_every']} epochs, {monitor!r}")
-    return monitor
+    return monitor, True
 
 
 def _probe_row(state: RunState, monitor) -> dict[str, float]:
@@ -348,7 +357,8 @@ def pretrain(
     continues from ``logdir/last_model.pt`` and ends with the same weights as an uninterrupted run.
     ``tensorboard``: ``True`` writes scalars under ``logdir/tensorboard``, a path writes them there.
     ``probe_json`` / ``probe_data_root``: the labeled datalist of the probe monitor (``probe_every``
-    > 0; default: the embedded cohort's); see ``ssl_utils.monitor``.
+    > 0; default: the embedded cohort's; on your own unlabeled data without it the monitor is off);
+    see ``ssl_utils.monitor``.
     ``on_epoch_end(epoch, row)``: called on every rank after each epoch's checkpoint is written.
     """
     cfg = get_config(cfg, ssl_epochs=epochs, num_workers=num_workers)
@@ -362,8 +372,8 @@ def pretrain(
     if ckpt is not None:
         state.restore(ckpt, _COUNTERS)
         say(f"resumed from {last_path} (epoch {state['epoch']} done); continuing at epoch {state['epoch'] + 1}")
-    monitor = _probe_monitor(cfg, probe_json, probe_data_root, data_root, cohort_root, precision, say)
-    if cfg["probe_every"] and state["probe_dice_init"] is None:  # the untrained encoder: the line to rise above
+    monitor, probing = _probe_monitor(cfg, probe_json, probe_data_root, data_root, cohort_root, precision, say)
+    if probing and state["probe_dice_init"] is None:  # the untrained encoder: the line to rise above
         state["probe_dice_init"] = _probe_row(state, monitor)["probe_dice"]
         say(f"probe monitor: untrained encoder, mean Dice {state['probe_dice_init']:.4f}")
     train_model = wrap_ddp(torch.compile(state.model) if cfg["compile"] else state.model, precision.device)
@@ -384,7 +394,7 @@ def pretrain(
             row.update(evaluate_ssl(state.model, data.val_loader, cfg, precision))
             check_finite(torch.tensor([row["val_recon"], row["val_total"]]), f"epoch {epoch} (validation)",
                          last_path, what="the validation loss")
-        if cfg["probe_every"] and (epoch % cfg["probe_every"] == 0 or epoch == total):
+        if probing and (epoch % cfg["probe_every"] == 0 or epoch == total):
             row.update(_probe_row(state, monitor), probe_dice_init=state["probe_dice_init"])
         is_best = _is_best(state, row)
         check_weights_finite(state.model, f"epoch {epoch}", last_path)  # a diverged model is never saved

@@ -121,9 +121,16 @@ def test_monitor_refuses_missing_or_too_small_labeled_data(smoke_cohort, tmp_pat
     big = get_config("smoke", probe_every=2, probe_fit_volumes=2, probe_score_volumes=2)  # smoke: 3 labeled
     with pytest.raises(ValueError, match=r"dataset_0_init_3\.json.*needs .* = 4"):
         monitor_entries(big, _probe_json(smoke_cohort), None, None)
-    with pytest.raises(ValueError, match="probe_json"):  # and before any training starts
-        _run(smoke_cohort, tmp_path, cfg, epochs=1)
-    assert not (tmp_path / "last_model.pt").exists()
+    # pre-training on own data with the monitor asked for: it is off, and says how to turn it on ...
+    lines = []
+    res = pretrain(cfg, smoke_cohort["tcia_root"], smoke_cohort["tcia_json"], str(tmp_path / "own"), epochs=1,
+                   device="cpu", progress=False, log=lines.append)
+    assert not any("probe_dice" in r for r in res.history)
+    assert any(line.startswith("probe monitor off") and "probe_json" in line for line in lines), lines
+    # ... unless the best checkpoint is to be chosen by it: then a clear error before any training
+    with pytest.raises(ValueError, match="probe_json"):
+        _run(smoke_cohort, tmp_path / "by_probe", get_config("smoke", probe_every=2, select_by="probe"), epochs=1)
+    assert not (tmp_path / "by_probe" / "last_model.pt").exists()
     with pytest.raises(ValueError, match="probe_every"):
         get_config("smoke", select_by="probe")
 
