@@ -761,40 +761,19 @@ def summary_table(rows: Sequence[dict[str, Any]], labels: dict[int, str], max_ro
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {t}" for t in total) + "\n"
 
 
-def prepare_dataset(
-    input_dir: str | os.PathLike,
-    out: str | os.PathLike,
-    labels_dir: str | os.PathLike | None = None,
-    label_names: str | os.PathLike | dict[int, str] | None = None,
-    val_fraction: float = 0.2,
-    seed: int = 0,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> PrepareResult:
-    """Convert every CT volume under ``input_dir`` (DICOM series, NRRD, MetaImage, NIfTI) into RAS
-    NIfTI (int16 HU, original geometry) under ``out`` and write the datalist ``out/dataset.json``.
+@dataclass
+class _Plan:
+    """What ``prepare_dataset`` will write, once every input has been checked."""
 
-    ``labels_dir``: label maps matched by case name (then ``imagesTr/`` + ``labelsTr/`` and a
-    ``labels`` map in the datalist); ``label_names``: a JSON file or dict ``{index: name}`` (0 is
-    background; default names ``class k`` for the values found). ``val_fraction`` of the volumes
-    (at least one) go to ``validation``, chosen by ``seed``. Every problem with the inputs or the
-    output folder is raised together in one ``PrepareError`` before anything is written; input
-    files are never modified. Ends with ``preflight_datalist`` on the result and the summary table.
-    """
-    from tqdm.auto import tqdm
+    volumes: list[Volume]
+    label_data: dict[str, tuple[np.ndarray, list[int]]]  # case -> (label voxels on the image grid, values)
+    names: dict[int, str] | None  # the labels map (None without labels)
+    n_val: int  # volumes that go to "validation"
+    provenance: dict[str, Any]  # recorded in the datalist: what it was prepared from
+    ignored: list[str]  # input files that are neither DICOM nor a volume
 
-    from .data import preflight_datalist
-    from .io import write_json, write_text
 
-    input_path, out_path = Path(input_dir), Path(out)
-    labels_path = Path(labels_dir) if labels_dir else None
-    problems: list[str] = []
-    if not input_path.is_dir():
-        raise PrepareError(f"--input {input_path}: not a folder")
-    if labels_path is not None and not labels_path.is_dir():
-        raise PrepareError(f"--labels {labels_path}: not a folder")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        problems.append(f"--val-fraction {val_fraction}: expected a fraction in [0, 1)")
+def _label_names_arg(label_names, labels_path: Path | None, problems: list[str]) -> dict[int, str] | None:
     names: dict[int, str] | None = None
     if isinstance(label_names, dict):
         names = {int(k): str(v) for k, v in label_names.items()}
@@ -803,6 +782,23 @@ def prepare_dataset(
         names = read_label_names(label_names, problems)
     if names is not None and labels_path is None:
         problems.append(f"--label-names {label_names}: given without --labels")
+    return names
+
+
+def _plan(input_path: Path, out_path: Path, labels_path: Path | None, label_names, val_fraction: float, seed: int,
+          progress: bool) -> _Plan:
+    """Find and check every input (volumes, label maps, names, split, output folder); raise one
+    ``PrepareError`` listing every problem, before anything is written."""
+    from tqdm.auto import tqdm
+
+    if not input_path.is_dir():
+        raise PrepareError(f"--input {input_path}: not a folder")
+    if labels_path is not None and not labels_path.is_dir():
+        raise PrepareError(f"--labels {labels_path}: not a folder")
+    problems: list[str] = []
+    if not 0.0 <= float(val_fraction) < 1.0:
+        problems.append(f"--val-fraction {val_fraction}: expected a fraction in [0, 1)")
+    names = _label_names_arg(label_names, labels_path, problems)
     skip = out_path if out_path.exists() else None
     volumes, found_problems, ignored = find_volumes(input_path, skip=skip, progress=progress)
     problems += found_problems
@@ -840,18 +836,24 @@ def prepare_dataset(
     provenance = {"input": str(input_path.resolve()), "labels": str(labels_path.resolve()) if labels_path else None,
                   "volumes": len(volumes), "fingerprint": fingerprint, "val_fraction": float(val_fraction),
                   "seed": int(seed)}
-    out_path.mkdir(parents=True, exist_ok=True)
-    write_json(out_path / _UNFINISHED, {"prepared_from": provenance}, what="marker")
-    order = list(range(len(volumes)))
+    return _Plan(volumes, label_data, names, n_val, provenance, ignored)
+
+
+def _convert(plan: _Plan, out_path: Path, labeled: bool, seed: int, progress: bool):
+    """Write every volume (and label map) as RAS NIfTI; returns (summary rows, datalist entries by
+    split). A volume whose voxels cannot be read or do not fit int16 HU stops it, all listed
+    together, before the datalist is written."""
+    from tqdm.auto import tqdm
+
+    order = list(range(len(plan.volumes)))
     random.Random(int(seed)).shuffle(order)
-    val_ids = set(order[:n_val])
-    labeled = labels_path is not None
+    val_ids = set(order[:plan.n_val])
     image_folder = "imagesTr" if labeled else "data"
     rows: list[dict[str, Any]] = []
     entries: dict[str, list[dict[str, str]]] = {"training": [], "validation": []}
     failures: list[str] = []
-    for i in tqdm(order[n_val:] + order[:n_val], desc="converting series", disable=not progress):
-        vol = volumes[i]
+    for i in tqdm(order[plan.n_val:] + order[:plan.n_val], desc="converting series", disable=not progress):
+        vol = plan.volumes[i]
         split = "validation" if i in val_ids else "training"
         try:
             hu = np.rint(read_hu(vol))
@@ -872,7 +874,7 @@ def prepare_dataset(
                "spacing_mm": [round(float(z), 4) for z in np.linalg.norm(vol.affine[:3, :3], axis=0)],
                "spacing": _fmt_spacing(vol.affine), "hu_min": int(lo), "hu_max": int(hi)}
         if labeled:
-            data, values = label_data[vol.case]
+            data, values = plan.label_data[vol.case]
             label_rel = f"labelsTr/{vol.case}.nii.gz"
             dtype = np.uint8 if max(values) <= 255 else np.int16
             _write_nifti_gz(out_path / label_rel, data.astype(dtype), vol.affine)
@@ -883,9 +885,42 @@ def prepare_dataset(
     if failures:
         listing = "\n".join(f"  - {p}" for p in failures)
         raise PrepareError(f"{len(failures)} volume(s) could not be converted; dataset.json was not written:\n{listing}")
+    return rows, entries
+
+
+def prepare_dataset(
+    input_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    labels_dir: str | os.PathLike | None = None,
+    label_names: str | os.PathLike | dict[int, str] | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> PrepareResult:
+    """Convert every CT volume under ``input_dir`` (DICOM series, NRRD, MetaImage, NIfTI) into RAS
+    NIfTI (int16 HU, original geometry) under ``out`` and write the datalist ``out/dataset.json``.
+
+    ``labels_dir``: label maps matched by case name (then ``imagesTr/`` + ``labelsTr/`` and a
+    ``labels`` map in the datalist); ``label_names``: a JSON file or dict ``{index: name}`` (0 is
+    background; default names ``class k`` for the values found). ``val_fraction`` of the volumes
+    (at least one) go to ``validation``, chosen by ``seed``. Every problem with the inputs or the
+    output folder is raised together in one ``PrepareError`` before anything is written; input
+    files are never modified. Ends with ``preflight_datalist`` on the result and the summary table.
+    """
+    from .data import preflight_datalist
+    from .io import write_json, write_text
+
+    input_path, out_path = Path(input_dir), Path(out)
+    labels_path = Path(labels_dir) if labels_dir else None
+    plan = _plan(input_path, out_path, labels_path, label_names, val_fraction, seed, progress)
+    labeled, names = labels_path is not None, plan.names
+    out_path.mkdir(parents=True, exist_ok=True)
+    write_json(out_path / _UNFINISHED, {"prepared_from": plan.provenance}, what="marker")
+    rows, entries = _convert(plan, out_path, labeled, seed, progress)
     datalist: dict[str, Any] = {
         "description": f"prepared by ssl_utils.prepare from {input_path.resolve()}",
-        "prepared_from": provenance,
+        "prepared_from": plan.provenance,
     }
     if labeled:
         datalist["labels"] = {str(k): v for k, v in names.items()}
@@ -900,6 +935,7 @@ def prepare_dataset(
     preflight_datalist(json_path, out_path, keys=keys, require_label=labeled,
                        num_classes=len(names) if names else None, progress=False, log=log)
     log(table)
+    ignored = plan.ignored
     log(f"pre-flight check passed: {len(rows)} volumes; datalist {json_path}"
         + (f"; ignored {len(ignored)} non-image files (e.g. {ignored[0]})" if ignored else ""))
     notebook = "ssl_finetune.ipynb" if labeled else "ssl_train.ipynb"
