@@ -38,7 +38,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -78,6 +78,33 @@ def read_datalist_json(json_path: str | os.PathLike) -> dict[str, Any]:
     return content
 
 
+def parse_label_map(labels: Mapping[Any, Any], add_background: bool = False) -> tuple[dict[int, str], list[str]]:
+    """``({index: name}, problems)`` of a class map such as ``{"0": "background", "1": "lesion"}``:
+    keys must be integers >= 0 with non-empty names, and the indices must run from 0 to K-1
+    without gaps (they are the segmentation network's K output channels). ``add_background``:
+    index 0 is ``"background"`` when the map leaves it out."""
+    names: dict[int, str] = {}
+    problems: list[str] = []
+    for key, name in labels.items():
+        try:
+            index = int(key)
+        except (TypeError, ValueError):
+            problems.append(f"key {key!r} is not a class index (an integer)")
+            continue
+        if index < 0 or not isinstance(name, str) or not name.strip():
+            problems.append(f"entry {key!r}: {name!r}: expected an index >= 0 and a non-empty name")
+            continue
+        names[index] = name.strip()
+    if add_background:
+        names.setdefault(0, "background")
+    if names:
+        gaps = sorted(set(range(max(names) + 1)) - set(names))
+        if gaps:
+            problems.append(f"class indices must run from 0 to {max(names)} without gaps (they are the network's output "
+                            f"channels); missing {gaps}")
+    return dict(sorted(names.items())), problems
+
+
 def datalist_label_names(json_path: str | os.PathLike) -> dict[int, str] | None:
     """The datalist's ``labels`` map as ``{index: name}`` (``None`` when it has none).
 
@@ -93,28 +120,12 @@ def datalist_label_names(json_path: str | os.PathLike) -> dict[int, str] | None:
     if not isinstance(labels, dict) or not labels:
         raise DatalistError(f"{where}: expected an object of class index -> name, e.g. {{\"0\": \"background\", "
                             f"\"1\": \"liver\"}}, found {labels!r}")
-    names: dict[int, str] = {}
-    problems: list[str] = []
-    for key, name in labels.items():
-        try:
-            index = int(key)
-        except (TypeError, ValueError):
-            problems.append(f"key {key!r} is not a class index (an integer)")
-            continue
-        if index < 0 or not isinstance(name, str) or not name.strip():
-            problems.append(f"entry {key!r}: {name!r}: expected an index >= 0 and a non-empty name")
-            continue
-        names[index] = name.strip()
-    if names:
-        gaps = sorted(set(range(max(names) + 1)) - set(names))
-        if gaps:
-            problems.append(f"class indices must run from 0 to {max(names)} without gaps (they are the network's output "
-                            f"channels); missing {gaps}")
+    names, problems = parse_label_map(labels)
     if len(names) == 1 and not problems:
         problems.append("only one class: segmentation needs background and at least one more class")
     if problems:
         raise DatalistError(f"{where}: " + "; ".join(problems))
-    return dict(sorted(names.items()))
+    return names
 
 
 def _root(json_path: str | os.PathLike, data_root: str | os.PathLike | None) -> str:

@@ -558,23 +558,11 @@ def read_label_names(path: str | os.PathLike, problems: list[str]) -> dict[int, 
     if not isinstance(content, dict) or not content:
         problems.append(f"{path}: expected a JSON object of label index -> name, e.g. {{\"1\": \"liver\"}}")
         return None
-    names: dict[int, str] = {}
-    for key, value in content.items():
-        try:
-            index = int(key)
-        except (TypeError, ValueError):
-            problems.append(f"{path}: key {key!r} is not a label index (an integer)")
-            continue
-        if index < 0 or not isinstance(value, str) or not value.strip():
-            problems.append(f"{path}: entry {key!r}: {value!r}: expected index >= 0 and a non-empty name")
-            continue
-        names[index] = value.strip()
-    names.setdefault(0, "background")
-    gaps = sorted(set(range(max(names) + 1)) - set(names))
-    if gaps:
-        problems.append(f"{path}: label indices must run from 0 to {max(names)} without gaps (they become the "
-                        f"network's output channels); missing {gaps}")
-    return dict(sorted(names.items()))
+    from .data import parse_label_map
+
+    names, found = parse_label_map(content, add_background=True)
+    problems += [f"{path}: {p}" for p in found]
+    return names
 
 
 def _fingerprint(volumes: Sequence[Volume], label_names: dict[int, str] | None) -> str:

@@ -131,8 +131,8 @@ def evaluate_ssl(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Pr
     model.eval()
     sums = torch.zeros(len(VAL_KEYS) + 1, dtype=torch.float64, device=precision.device)
     for batch in loader:
-        total, r, c, r1, r2 = ssl_forward(model, batch, cfg, precision, gather=False)
         v1, v2, gt = (plain_tensor(batch[k]).to(precision.device) for k in ("image", "image_2", "gt_image"))
+        total, r, c, r1, r2 = ssl_forward(model, {"image": v1, "image_2": v2, "gt_image": gt}, cfg, precision)
         n = float(v1.shape[0])
         recon_2 = (r2 - gt.float()).abs().mean()
         base = reconstruction_baselines(v1, v2, gt).double().mean(dim=0)

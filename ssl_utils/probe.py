@@ -98,12 +98,11 @@ def probe_loaders(cfg: Mapping[str, Any], train_entries, val_entries, seed: int,
     return train_ds, sampler, train_loader, DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=0)
 
 
-def _probe_data(cfg: Config, data_root, json_path, cohort_root, n_train, seed: int):
-    """Training loader (seeded order and crops) and validation loader, after the pre-flight check."""
+def _probe_data(cfg: Config, data_root: str, json_path: str, seed: int):
+    """Training loader (seeded order and crops) and validation loader of a resolved datalist,
+    after the pre-flight check."""
     from .data import preflight_datalist
-    from .finetune import resolve_ft_data
 
-    data_root, json_path = resolve_ft_data(cfg, data_root, json_path, cohort_root, n_train)
     checked = preflight_datalist(json_path, data_root, keys=("training", "validation"), require_label=True,
                                  num_classes=cfg["out_channels"], window=(cfg["ft_a_min"], cfg["ft_a_max"]), progress=False)
     return probe_loaders(cfg, checked["training"], checked["validation"], seed)
@@ -186,7 +185,7 @@ def train_probe(
     data_root, json_path = resolve_ft_data(cfg, data_root, json_path, cohort_root, n_train)
     cfg, class_names = config_for_classes(cfg, json_path)
     precision = setup_run(cfg, device, seed)
-    loaders = _probe_data(cfg, data_root, json_path, cohort_root, n_train, seed)
+    loaders = _probe_data(cfg, data_root, json_path, seed)
     probe, report = build_probe(cfg, pretrained_path, seed)
     probe = probe.to(precision.device)
     before = {k: v.detach().clone() for k, v in probe.encoder.state_dict().items()}

@@ -14,7 +14,7 @@ One module per job:
 from ..organs import BTCV_CLASSES, ORGANS, class_names, organ_names
 from .compare import CompareResult, compare_init, compare_run_dir, run_summary
 from .inference import evaluate, predict_labels, predict_logits
-from .inputs import EpochSampler, config_for_classes, default_train_sizes, nested_datalist, resolve_ft_data
+from .inputs import EpochSampler, comparison_datalists, config_for_classes, default_train_sizes, nested_datalist, resolve_ft_data
 from .loop import BEST_NAME, FT_RESUME_KEYS, LAST_NAME, FinetuneResult, build_finetune_model, check_head, finetune
 from .metrics import dice_per_case, dice_with_background, summarize_dice
 from .report import (

@@ -18,7 +18,7 @@ from ..config import get_config
 from ..engine import Result
 from ..io import jsonable, write_json, write_text
 from . import report
-from .inputs import count_training, default_train_sizes, nested_datalist
+from .inputs import comparison_datalists
 from .loop import finetune
 from .report import ARM_LABELS, ARMS
 
@@ -122,24 +122,10 @@ def compare_init(
     Dice values in the result are fractions in [0, 1]; the tables show percent.
     """
     cfg = get_config(cfg)
-    if data_root and not (json_template or json_path):
-        raise ValueError("data_root is given but neither json_path (a labeled datalist, e.g. the dataset.json of "
-                         "python -m ssl_utils.prepare) nor json_template (e.g. json_files/btcv/dataset_0_init_{n}.json)")
-    subsets = bool(json_path) and not json_template
-    if train_sizes is not None:
-        sizes = [int(n) for n in train_sizes]
-    elif subsets:
-        sizes = default_train_sizes(count_training(str(json_path), data_root))
-    else:
-        sizes = [int(n) for n in ((6, 12, 24) if json_template else cfg["synth_train_sizes"])]
-    if not sizes:
+    if train_sizes is not None and not list(train_sizes):
         raise ValueError("train_sizes is empty; give at least one training-set size")
-    datalists: dict[int, str | None] = {}
-    for n in sizes:  # every subset is written (and every size checked) before the first run
-        if subsets:
-            datalists[n] = nested_datalist(str(json_path), data_root, n, os.path.join(logdir, "datalists"))
-        else:
-            datalists[n] = json_template.format(n=n) if json_template else None
+    sizes, datalists, subsets = comparison_datalists(cfg, data_root, json_path, json_template, train_sizes,
+                                                     os.path.join(logdir, "datalists"))
     seeds = [0, 1] if seeds is None else [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed")

@@ -72,6 +72,42 @@ def nested_datalist(json_path: str, data_root: str | None, n: int, folder: str) 
     return path
 
 
+def comparison_datalists(cfg: Mapping[str, Any], data_root: str | None, json_path: str | None,
+                         json_template: str | None, train_sizes, folder: str) -> tuple[list[int], dict[int, str | None], bool]:
+    """The training-set sizes of a comparison and the datalist of each: ``(sizes, {size: datalist},
+    nested)``.
+
+    - ``json_path`` (a labeled datalist of your own, no ``json_template``): size N trains on its
+      first N training entries, written to ``folder/datalist_n{N}.json`` (``nested`` is True; the
+      subsets hold absolute paths, so they take no ``data_root``); default sizes
+      ``default_train_sizes`` of its training count;
+    - ``data_root`` and ``json_template``: one datalist per size (default 6 / 12 / 24);
+    - neither: the embedded cohort (``None`` per size, resolved by ``resolve_ft_data``; default
+      ``cfg["synth_train_sizes"]``).
+
+    Every size is checked and every subset written before any training starts."""
+    if data_root and not (json_template or json_path):
+        raise ValueError(f"data_root={data_root!r} is given but neither json_path (a labeled datalist, e.g. the "
+                         "dataset.json of python -m ssl_utils.prepare) nor json_template (one datalist per size, e.g. "
+                         "json_files/btcv/dataset_0_init_{n}.json)")
+    nested = bool(json_path) and not json_template
+    if train_sizes:
+        sizes = [int(n) for n in train_sizes]
+    elif nested:
+        sizes = default_train_sizes(count_training(str(json_path), data_root))
+    else:
+        sizes = [int(n) for n in ((6, 12, 24) if json_template else cfg["synth_train_sizes"])]
+    if not sizes:
+        raise ValueError("train_sizes is empty; give at least one training-set size")
+    datalists: dict[int, str | None] = {}
+    for n in sizes:
+        if nested:
+            datalists[n] = nested_datalist(str(json_path), data_root, n, folder)
+        else:
+            datalists[n] = json_template.format(n=n) if json_template else None
+    return sizes, datalists, nested
+
+
 def count_training(json_path: str, data_root: str | None) -> int:
     """The number of training entries of a labeled datalist (structure only, no file opened)."""
     from ..data import load_datalist
