@@ -2382,7 +2382,8 @@ _UNLABELED_KINDS = {"chest": "chest", "abdomen": "tcia"}  # make_synthetic_datas
 
 
 def _cohort_params(
-    n_unlabeled, n_unlabeled_val, n_labeled_train, n_labeled_val, train_sizes, shape, spacing, seed, unlabeled_kind
+    n_unlabeled, n_unlabeled_val, n_labeled_train, n_labeled_val, train_sizes, shape, spacing, seed, unlabeled_kind,
+    n_labeled_tune=0,
 ) -> dict:
     """Validated generation parameters, as written to ``cohort.json`` (raises ValueError)."""
     if unlabeled_kind not in _UNLABELED_KINDS:
@@ -2392,11 +2393,12 @@ def _cohort_params(
         raise ValueError(
             f"need n_unlabeled >= 1 and 0 <= n_unlabeled_val < n_unlabeled, got {n_unlabeled}, {n_unlabeled_val}"
         )
-    if n_labeled_train < 1 or n_labeled_val < 0:
-        raise ValueError(f"need n_labeled_train >= 1 and n_labeled_val >= 0, got {n_labeled_train}, {n_labeled_val}")
+    if n_labeled_train < 1 or n_labeled_val < 0 or n_labeled_tune < 0:
+        raise ValueError(f"need n_labeled_train >= 1, n_labeled_tune >= 0 and n_labeled_val >= 0, got {n_labeled_train}, "
+                         f"{n_labeled_tune}, {n_labeled_val}")
     if not sizes or sizes[0] < 1 or sizes[-1] > n_labeled_train:
         raise ValueError(f"train_sizes={tuple(train_sizes)} must lie in 1..n_labeled_train={n_labeled_train}")
-    return {
+    params = {
         "version": COHORT_VERSION,
         "n_unlabeled": int(n_unlabeled),
         "n_unlabeled_val": int(n_unlabeled_val),
@@ -2408,11 +2410,14 @@ def _cohort_params(
         "seed": int(seed),
         "unlabeled_kind": str(unlabeled_kind),
     }
+    if n_labeled_tune:  # recorded only when there is a tuning split (cohorts without one keep their cohort.json)
+        params["n_labeled_tune"] = int(n_labeled_tune)
+    return params
 
 
 def _cohort_layout(root: Path, params: dict) -> _CohortLayout:
     tcia_root, btcv_root = root / "tcia", root / "btcv"
-    n_lab = params["n_labeled_train"] + params["n_labeled_val"]
+    n_lab = params["n_labeled_train"] + params.get("n_labeled_tune", 0) + params["n_labeled_val"]
     return _CohortLayout(
         root=root,
         tcia_root=tcia_root,
@@ -2486,8 +2491,9 @@ def _write_datalists(layout: _CohortLayout, params: dict) -> None:
     }
     _write_json_atomic(split, layout.tcia_json)
     labels = {"0": "background", **{str(k): v for k, v in ORGANS.items()}}
-    n_train = params["n_labeled_train"]
-    train, val = layout.labeled[:n_train], layout.labeled[n_train:]
+    n_train, n_tune = params["n_labeled_train"], params.get("n_labeled_tune", 0)
+    train, tune, val = (layout.labeled[:n_train], layout.labeled[n_train : n_train + n_tune],
+                        layout.labeled[n_train + n_tune :])
     for N, path in layout.btcv_json.items():
         datalist = {
             "description": "synthetic btcv-like cohort",
@@ -2497,6 +2503,7 @@ def _write_datalists(layout: _CohortLayout, params: dict) -> None:
             "tensorImageSize": "3D",
             "numTraining": N,
             "training": train[:N],
+            **({"tuning": tune} if n_tune else {}),
             "validation": val,
         }
         _write_json_atomic(datalist, path)
@@ -2516,6 +2523,7 @@ def make_synthetic_dataset(
     progress: bool = True,
     workers: int = 1,
     unlabeled_kind: str = "chest",
+    n_labeled_tune: int = 0,
 ) -> dict:
     """Write (or reuse) a synthetic TCIA-like + BTCV-like cohort under ``root``.
 
@@ -2523,7 +2531,9 @@ def make_synthetic_dataset(
     unlabeled_kind: "chest" (default; TCIA-Covid19-like chest CT, ``generate_subject(kind="chest")``, as the
     reference pre-trains on) or "abdomen" (the abdominal renderer, ``kind="tcia"``); recorded in
     ``cohort.json``, so a cohort of the other kind is regenerated, not reused.
-    n_labeled_train / n_labeled_val: labeled subjects (img0001.. training first, validation after).
+    n_labeled_train / n_labeled_tune / n_labeled_val: labeled subjects (img0001.. training first, then the tuning
+    split, then validation). The tuning split (a ``"tuning"`` list in every datalist, when n_labeled_tune > 0) is
+    what recipe choices are made on; the validation split only reports.
     train_sizes: for each N a ``btcv/dataset_0_init_{N}.json`` with the first N training subjects (nested)
     and the shared validation list. shape: in-plane voxels; spacing: nominal voxel size (mm).
     A complete ``root/cohort.json`` with identical parameters and all files present means reuse (unless
@@ -2533,7 +2543,8 @@ def make_synthetic_dataset(
     Returns {"root", "tcia_root", "tcia_json", "btcv_root", "btcv_json": {N: path}, "reused"} (str paths).
     """
     params = _cohort_params(
-        n_unlabeled, n_unlabeled_val, n_labeled_train, n_labeled_val, train_sizes, shape, spacing, seed, unlabeled_kind
+        n_unlabeled, n_unlabeled_val, n_labeled_train, n_labeled_val, train_sizes, shape, spacing, seed, unlabeled_kind,
+        n_labeled_tune,
     )
     layout = _cohort_layout(Path(root), params)
     if not overwrite and _is_complete(layout, params):
@@ -2547,7 +2558,7 @@ def make_synthetic_dataset(
 
 def make_cohort_from_config(cfg: Mapping[str, Any] | str, root: str | os.PathLike, **kw: Any) -> dict:
     """``make_synthetic_dataset`` with sizes from a config: synth_unlabeled (total incl. validation),
-    synth_unlabeled_val, synth_labeled_train, synth_labeled_val, synth_train_sizes, synth_shape (voxels),
+    synth_unlabeled_val, synth_labeled_train, synth_labeled_tune, synth_labeled_val, synth_train_sizes, synth_shape (voxels),
     synth_spacing (mm), synth_seed, synth_unlabeled_kind ("chest" / "abdomen"). Keyword arguments (overwrite,
     progress, workers, ...) override."""
     from .config import get_config
@@ -2558,6 +2569,7 @@ def make_cohort_from_config(cfg: Mapping[str, Any] | str, root: str | os.PathLik
         n_unlabeled_val=int(cfg["synth_unlabeled_val"]),
         n_labeled_train=int(cfg["synth_labeled_train"]),
         n_labeled_val=int(cfg["synth_labeled_val"]),
+        n_labeled_tune=int(cfg["synth_labeled_tune"]),
         train_sizes=tuple(cfg["synth_train_sizes"]),
         shape=tuple(cfg["synth_shape"]),
         spacing=tuple(cfg["synth_spacing"]),

@@ -101,6 +101,24 @@ def finetune_deterministic(cfg: dict[str, Any]) -> list:
     ]
 
 
+def finetune_crop(cfg: dict[str, Any]):
+    """The training crops. ``ft_crop="posneg"`` (the reference): centres on foreground : background
+    voxels as ``ft_pos : ft_neg``; any organ's voxel counts the same, so most crops centre on the
+    largest organ. ``"classes"``: each crop first draws a class (background and every organ equally
+    often; a class absent from the volume is skipped), then a voxel of it, so an adrenal is a crop
+    centre as often as the liver."""
+    keys = ["image", "label"]
+    if cfg["ft_crop"] == "classes":
+        return T.RandCropByLabelClassesd(
+            keys=keys, label_key="label", spatial_size=_roi(cfg), num_classes=int(cfg["out_channels"]),
+            num_samples=cfg["ft_num_samples"], image_key="image", image_threshold=0, warn=False,
+        )
+    return T.RandCropByPosNegLabeld(
+        keys=keys, label_key="label", spatial_size=_roi(cfg), pos=cfg["ft_pos"], neg=cfg["ft_neg"],
+        num_samples=cfg["ft_num_samples"], image_key="image", image_threshold=0,
+    )
+
+
 def finetune_transforms(cfg: dict[str, Any], train: bool = True) -> T.Compose:
     """Fine-tuning chain. ``train=False`` gives the deterministic part only (for validation)."""
     keys = ["image", "label"]
@@ -111,10 +129,7 @@ def finetune_transforms(cfg: dict[str, Any], train: bool = True) -> T.Compose:
         det
         + [
             T.SpatialPadd(keys=keys, spatial_size=_roi(cfg)),
-            T.RandCropByPosNegLabeld(
-                keys=keys, label_key="label", spatial_size=_roi(cfg), pos=cfg["ft_pos"], neg=cfg["ft_neg"],
-                num_samples=cfg["ft_num_samples"], image_key="image", image_threshold=0,
-            ),
+            finetune_crop(cfg),
             T.RandFlipd(keys=keys, spatial_axis=[0], prob=cfg["ft_flip_prob"]),
             T.RandFlipd(keys=keys, spatial_axis=[1], prob=cfg["ft_flip_prob"]),
             T.RandFlipd(keys=keys, spatial_axis=[2], prob=cfg["ft_flip_prob"]),

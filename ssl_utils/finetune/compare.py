@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 from ..config import get_config
 from ..engine import Result
 from ..io import jsonable, write_json, write_text
+from ..parallel import auto_workers, run_jobs
 from . import report
 from .inputs import comparison_datalists
 from .loop import finetune
@@ -76,6 +77,21 @@ def run_summary(res, size: int, seed: int, arm: str, seconds: float) -> dict[str
     }
 
 
+def _compare_run(cfg: dict[str, Any], size: int, seed: int, arm: str, data_root: str | None, json_path: str | None,
+                 logdir: str, pretrained_path: str | None, resume: bool, device: str | None, progress: bool,
+                 cohort_root: str, log: Callable[[str], None] | None) -> tuple[dict[str, Any], list[str]]:
+    """One run of a comparison (picklable, so it can run in a worker process): its ``run_summary``
+    and the classes."""
+    t0 = time.perf_counter()
+    res = finetune(
+        get_config(cfg).replace(seed=seed), data_root=data_root, json_path=json_path, logdir=logdir,
+        pretrained_path=pretrained_path, use_pretrained=arm == "pretrained", resume="auto" if resume else False,
+        device=device, progress=progress, cohort_root=cohort_root, n_train=size,
+        log=(lambda msg: log(msg) if ("resumed" in msg or "new run" in msg) else None) if log else (lambda msg: None),
+    )
+    return run_summary(res, size, seed, arm, time.perf_counter() - t0), list(res.class_names)
+
+
 def _arms(pretrained_path: str | None, log: Callable[[str], None]) -> list[str]:
     if not pretrained_path:
         log("no pre-trained checkpoint given: only the random-initialisation arm runs")
@@ -102,6 +118,7 @@ def compare_init(
     device: str | None = None,
     cohort_root: str = "data/synthetic",
     json_path: str | None = None,
+    workers: int | None = None,
 ) -> CompareResult:
     """Fine-tune from random initialisation and from the pre-trained encoder, with the same budget,
     for every training-set size and seed; write ``results.json`` and ``results_table.md`` to
@@ -119,7 +136,10 @@ def compare_init(
     ``"json_files/btcv/dataset_0_init_{n}.json"``. The classes (UNETR's output channels, every
     table) come from the datalist's ``labels`` map, BTCV's 13 organs without one. With ``resume=True`` (default) a run whose
     folder already holds a checkpoint with the same settings is continued or, when finished, reused.
-    Dice values in the result are fractions in [0, 1]; the tables show percent.
+    Dice values in the result are fractions in [0, 1]; the tables show percent. ``workers``: runs
+    side by side in separate processes (default ``ssl_utils.parallel.auto_workers``: 2 on a
+    CPU-only machine, 1 with a GPU); a run gives the same result either way, up to floating-point
+    rounding (the number of threads changes the order of sums).
     """
     cfg = get_config(cfg)
     if train_sizes is not None and not list(train_sizes):
@@ -134,27 +154,41 @@ def compare_init(
     plan = [(n, s, arm) for n in sizes for s in seeds for arm in arms]
     log(f"comparison: {len(plan)} runs ({len(sizes)} training-set sizes x {len(seeds)} seeds x {len(arms)} arms), "
         f"{cfg['ft_iterations']} iterations each, evaluation every {cfg['ft_eval_every']}")
-    runs: list[dict[str, Any]] = []
+    workers = max(1, min(auto_workers(device) if workers is None else int(workers), len(plan)))
+    if workers > 1:
+        log(f"{workers} runs side by side ({max(1, (os.cpu_count() or 1) // workers)} thread(s) each)")
+    runs: list[dict[str, Any] | None] = [None] * len(plan)
     class_names: list[str] = []
     paths = {"json": os.path.join(logdir, "results.json"), "table": os.path.join(logdir, "results_table.md")}
     t_all = time.perf_counter()
-    for k, (n, seed, arm) in enumerate(plan, start=1):
-        log(f"[{k}/{len(plan)}] {n} training volumes, seed {seed}, {ARM_LABELS[arm].lower()}")
-        t0 = time.perf_counter()
-        res = finetune(
-            cfg.replace(seed=seed), data_root=None if subsets else data_root, json_path=datalists[n],
-            logdir=compare_run_dir(logdir, n, seed, arm), pretrained_path=pretrained_path if arm == "pretrained" else None,
-            use_pretrained=arm == "pretrained", resume="auto" if resume else False, device=device, progress=progress,
-            cohort_root=cohort_root, n_train=n,
-            log=lambda msg: log("    " + msg) if ("resumed" in msg or "new run" in msg) else None,
-        )
-        runs.append(run_summary(res, n, seed, arm, time.perf_counter() - t0))
-        class_names = list(res.class_names)
-        del res
-        s = runs[-1]
-        log(f"    final mean Dice {100 * s['final']:.2f}% (best {100 * s['best']:.2f}% at iteration "
-            f"{s['best_iteration']}) in {s['time_s']:.0f} s")
-        write_json(paths["json"], {"config": cfg, "runs": runs})
+    jobs = []
+    for n, seed, arm in plan:
+        jobs.append((_compare_run, dict(
+            cfg=cfg.to_dict(), size=n, seed=seed, arm=arm, data_root=None if subsets else data_root,
+            json_path=datalists[n], logdir=compare_run_dir(logdir, n, seed, arm),
+            pretrained_path=pretrained_path if arm == "pretrained" else None, resume=resume, device=device,
+            progress=progress and workers == 1, cohort_root=cohort_root,
+            log=(lambda msg: log("    " + msg)) if workers == 1 else None,
+        )))
+    if workers > 1:
+        from ..synthetic import make_cohort_from_config
+
+        if not data_root and not json_path and not json_template:  # the embedded cohort: written once, here
+            make_cohort_from_config(cfg, cohort_root, progress=False)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(plan), desc="comparison runs", unit="run", disable=not progress or workers == 1)
+    for done, (i, (summary, names)) in enumerate(run_jobs(jobs, workers), start=1):
+        n, seed, arm = plan[i]
+        runs[i] = summary
+        class_names = names
+        bar.update(1)
+        log(f"[{done}/{len(plan)}] {n} training volumes, seed {seed}, {ARM_LABELS[arm].lower()}: final mean Dice "
+            f"{100 * summary['final']:.2f}% (best {100 * summary['best']:.2f}% at iteration {summary['best_iteration']}) "
+            f"in {summary['time_s']:.0f} s")
+        write_json(paths["json"], {"config": cfg, "runs": [r for r in runs if r is not None]})
+    bar.close()
+    runs = [r for r in runs if r is not None]
     if class_names and len(class_names) != int(cfg["out_channels"]):
         cfg = cfg.replace(out_channels=len(class_names))  # as the runs were configured (the datalist's classes)
     partial = {"runs": runs, "config": jsonable(cfg), "seeds": seeds, "arms": arms, "class_names": class_names}

@@ -169,14 +169,18 @@ def _load_data(cfg: Config, data_root, json_path, cohort_root, n_train, skip_bad
     """Check every datalist entry (every problem listed at once), cache the deterministic stage."""
     from monai.data import DataLoader
 
-    from ..data import preflight_datalist
+    from ..data import DatalistError, preflight_datalist, read_datalist_json
     from ..datasets import finetune_datasets
 
+    split = cfg["ft_eval_split"]
+    if split != "validation" and split not in read_datalist_json(json_path):
+        raise DatalistError(f"datalist {json_path}: ft_eval_split={split!r} but the datalist has no {split!r} list "
+                            "(the embedded cohort has one when synth_labeled_tune > 0)")
     checked = preflight_datalist(
-        json_path, data_root, keys=("training", "validation"), require_label=True, num_classes=cfg["out_channels"],
+        json_path, data_root, keys=("training", split), require_label=True, num_classes=cfg["out_channels"],
         window=(cfg["ft_a_min"], cfg["ft_a_max"]), skip_bad=skip_bad, progress=progress, log=say,
     )
-    train, val = checked["training"], checked["validation"]
+    train, val = checked["training"], checked[split]
     big = len(train) + len(val) >= 20  # a caching progress bar only where caching takes a while
     train_ds, val_ds = finetune_datasets(cfg, train, val, progress=progress and big)
     bs = cfg["ft_batch_size"]
@@ -210,10 +214,15 @@ def segmentation_forward(model: nn.Module, batch: Mapping[str, torch.Tensor], lo
 
 
 def _build_state(cfg: Config, precision: Precision, model: nn.Module, counters: dict[str, Any]) -> RunState:
-    """The model on the device with the speed-ups (channels-last on CPU), ``finetune_optimizer``, no schedule."""
+    """The model on the device with the speed-ups (channels-last on CPU), ``finetune_optimizer``, and
+    (``ft_cosine``) a cosine decay of every group's learning rate to 0 over ``ft_iterations``."""
+    from ..runtime import lr_lambda
+
     model = apply_speedups(model, cfg, precision.device)
     optimizer = finetune_optimizer(model, cfg, precision.device)
-    return RunState(model, optimizer, precision, cfg, None, cfg["grad_clip"], counters)
+    scheduler = (torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(0, cfg["ft_iterations"], True))
+                 if cfg["ft_cosine"] else None)
+    return RunState(model, optimizer, precision, cfg, scheduler, cfg["grad_clip"], counters)
 
 
 class _Loop:
@@ -350,14 +359,31 @@ class _Loop:
         self.t_window = time.perf_counter()
 
 
+def final_from_history(history: list[Mapping[str, Any]], k: int = 1) -> dict[str, Any] | None:
+    """A run's final Dice: the mean of its last ``k`` evaluations (``ft_final_evals``; 1 = the last
+    one), mean and per class (a class that is NaN in all of them stays NaN), and the iterations
+    averaged. One evaluation alone sits wherever the run's oscillation happens to be."""
+    if not history:
+        return None
+    rows = list(history)[-max(int(k), 1):]
+
+    def mean(key: str) -> float:
+        vals = [float(r[key]) for r in rows if r.get(key) is not None and math.isfinite(float(r[key]))]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    organs = [key[5:] for key in rows[-1] if key.startswith("dice_")]
+    return {"mean_dice": mean("val_mean_dice"), "mean_dice_with_bg": mean("val_mean_dice_with_bg"),
+            "per_organ": {o: mean(f"dice_{o}") for o in organs}, "iterations": [int(r["iteration"]) for r in rows]}
+
+
 def _final_metrics(loop: _Loop) -> dict[str, Any] | None:
-    """The last evaluation's metrics; for a finished run that was reused, from its history."""
+    """The run's final metrics: ``final_from_history`` over its last ``ft_final_evals`` evaluations;
+    with 1, the last evaluation's metrics as they were measured (for a reused run, from its history)."""
     history = loop.state["history"]
-    if loop.final is not None or not history:
+    k = int(loop.cfg["ft_final_evals"])
+    if k == 1 and loop.final is not None:
         return loop.final
-    last = history[-1]
-    return {"mean_dice": last["val_mean_dice"], "mean_dice_with_bg": last["val_mean_dice_with_bg"],
-            "per_organ": {k[5:]: v for k, v in last.items() if k.startswith("dice_")}}
+    return final_from_history(history, k)
 
 
 def finetune(
