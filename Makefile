@@ -27,8 +27,7 @@ demo: $(VENV)/.installed
 	$(PY) -m ssl_utils.demo --out runs/demo
 
 experiment: $(VENV)/.installed
-	$(PY) -m ssl_utils.study --out runs/study --preset demo --seeds 5 --train_sizes 2 \
-		--set ft_iterations=200 ft_eval_every=25 ft_lr=0.002 feature_size=4 freeze_encoder_iters=20 probe_iterations=200
+	$(PY) -m ssl_utils.study --out runs/study --preset demo --seeds 5
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/run.py --out runs/benchmark

@@ -6,10 +6,13 @@
 2. fine-tunes UNETR from random initialisation and from the pre-trained encoder, for each
    training-set size and for ``--seeds`` paired seeds (same data order, crops and decoder
    initialisation within a pair), recording validation Dice every ``ft_eval_every`` iterations;
-3. trains a linear probe (frozen encoder, one 1x1x1 convolution) on both encoders, same seeds;
-4. reports final Dice and the area under the Dice curve (per organ and mean), mean ± sd, the
-   paired differences with a 95% confidence interval, and the verdict the interval supports;
-   writes ``study.json`` (every number), ``study.md`` (tables) and ``study_curves.png``.
+3. trains a linear probe (frozen features, one 1x1x1 convolution) on the random and the
+   pre-trained encoder and on two baselines: the pre-trained patch embedding alone, and per-patch
+   intensity statistics + position (no network), same seeds;
+4. reports final Dice (mean of the last ``ft_final_evals`` evaluations) and the area under the
+   Dice curve (per organ and mean): the paired differences first, with intervals corrected for the
+   number of comparisons (Bonferroni), and the verdict they support; writes ``study.json`` (every
+   number), ``study.md`` (tables) and ``study_curves.png``.
 
 Every step resumes: run it again after an interruption and finished runs are reused.
 """
@@ -48,8 +51,10 @@ def _load_history(run: dict[str, Any]) -> list[dict[str, Any]]:
         return json.load(f)
 
 
-def curve_metrics(runs: Sequence[dict[str, Any]], organs: Sequence[str]) -> list[dict[str, Any]]:
-    """Per run: final Dice and area under the Dice curve (mean and per organ), from its history."""
+def curve_metrics(runs: Sequence[dict[str, Any]], organs: Sequence[str], final_evals: int = 1) -> list[dict[str, Any]]:
+    """Per run: final Dice (the mean of its last ``final_evals`` evaluations) and area under the
+    Dice curve, mean and per organ (``per_organ`` / ``auc_organ``), from its history."""
+    from .finetune.loop import final_from_history
     from .stats import curve_auc
 
     out = []
@@ -57,10 +62,12 @@ def curve_metrics(runs: Sequence[dict[str, Any]], organs: Sequence[str]) -> list
         hist = _load_history(run)
         its = [row["iteration"] for row in hist]
         rec = {k: run[k] for k in ("size", "seed", "arm")}
-        rec["final"] = float(hist[-1]["val_mean_dice"])
+        final = final_from_history(hist, final_evals) or {}
+        rec["final"] = float(final.get("mean_dice", float("nan")))
+        rec["final_iterations"] = final.get("iterations", [])
         rec["auc"] = curve_auc(its, [row["val_mean_dice"] for row in hist])
         rec["curve"] = [[int(i), float(row["val_mean_dice"])] for i, row in zip(its, hist)]
-        rec["final_organ"] = {o: float(hist[-1].get(f"dice_{o}", float("nan"))) for o in organs}
+        rec["per_organ"] = {o: float(final.get("per_organ", {}).get(o, float("nan"))) for o in organs}
         rec["auc_organ"] = {}
         for o in organs:
             vals = [row.get(f"dice_{o}", float("nan")) for row in hist]
@@ -70,20 +77,25 @@ def curve_metrics(runs: Sequence[dict[str, Any]], organs: Sequence[str]) -> list
     return out
 
 
-def paired_by(records: Sequence[dict[str, Any]], size: Any, metric: str, organ: str | None = None) -> dict[str, Any] | None:
-    """``paired_comparison`` of pre-trained vs random at one training-set size (seed-paired)."""
+def paired_by(records: Sequence[dict[str, Any]], size: Any, metric: str, organ: str | None = None,
+              baseline: str = "random", treatment: str = "pretrained", level: float = 0.95) -> dict[str, Any] | None:
+    """``paired_comparison`` of arm ``treatment`` against arm ``baseline`` at one training-set size
+    (seed-paired), at confidence ``level``; ``organ`` picks one class (``per_organ`` for "final",
+    ``auc_organ`` for "auc")."""
     from .stats import paired_comparison
 
     def value(r):
-        return r[metric] if organ is None else r[f"{metric}_organ"][organ]
+        if organ is None:
+            return r[metric]
+        return r["per_organ" if metric == "final" else f"{metric}_organ"][organ]
 
-    rand = {r["seed"]: value(r) for r in records if r["size"] == size and r["arm"] == "random"}
-    pre = {r["seed"]: value(r) for r in records if r["size"] == size and r["arm"] == "pretrained"}
-    seeds = [s for s in sorted(rand) if s in pre and math.isfinite(rand[s]) and math.isfinite(pre[s])]
+    base = {r["seed"]: value(r) for r in records if r["size"] == size and r["arm"] == baseline}
+    treat = {r["seed"]: value(r) for r in records if r["size"] == size and r["arm"] == treatment}
+    seeds = [s for s in sorted(base) if s in treat and math.isfinite(base[s]) and math.isfinite(treat[s])]
     if not seeds:
         return None
-    res = paired_comparison([rand[s] for s in seeds], [pre[s] for s in seeds])
-    res["seeds"] = seeds
+    res = paired_comparison([base[s] for s in seeds], [treat[s] for s in seeds], level=level)
+    res.update(seeds=seeds, baseline_arm=baseline, treatment_arm=treatment)
     return res
 
 
@@ -103,54 +115,74 @@ def _ci(res: dict[str, Any]) -> str:
     return f"[{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
+ARM_NAMES = {
+    "random": "random init", "pretrained": "pre-trained",
+    "patch_embedding": "pre-trained patch embedding only", "intensity": "intensity statistics + position (no network)",
+}
+
+
 def summary_table(stats: dict[str, dict[str, Any]], label: str) -> str:
-    """Markdown: one row per (size, metric) with both arms, the paired difference, CI and verdict."""
+    """Markdown, the paired difference first: one row per (size, metric, comparison) with the
+    difference, its (corrected) interval and the verdict, then both arms' mean ± sd."""
     lines = [
-        f"| {label} | Metric | Random init | Pre-trained | Difference (points) | 95% CI | Verdict |",
-        "|---|---|---|---|---|---|---|",
+        f"| {label} | Metric | Comparison | Difference (Dice points) | CI | Verdict | Baseline | Treatment |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, res in stats.items():
         if res is None:
             continue
-        size, metric = key.split("|")
+        size, metric = key.split("|")[:2]
+        comp = f"{ARM_NAMES[res['treatment_arm']]} − {ARM_NAMES[res['baseline_arm']]}"
         lines.append(
-            f"| {size} | {metric} | {_ms(res, 'baseline')} | {_ms(res, 'treatment')} | "
-            f"{100 * res['mean_diff']:+.1f} | {_ci(res)} | {res['verdict']} |"
+            f"| {size} | {metric} | {comp} | **{100 * res['mean_diff']:+.1f}** | {_ci(res)} | {res['verdict']} | "
+            f"{_ms(res, 'baseline')} | {_ms(res, 'treatment')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def organ_table(records: Sequence[dict[str, Any]], sizes: Sequence[int], organs: Sequence[str], metric: str) -> str:
-    """Markdown: per organ (or class of the datalist's own label set), mean over seeds of each arm
-    and the paired difference with its CI."""
+    """Markdown: per organ (or class of the datalist's own label set), the paired difference
+    (pre-trained − random) with its unadjusted 95% CI, then each arm's mean over seeds."""
     from .organs import are_btcv_organs
 
-    head = f"| {'Organ' if are_btcv_organs(organs) else 'Class'} | " + " | ".join(f"{n} vol.: random / pre-trained / diff [95% CI]" for n in sizes) + " |"
+    head = (f"| {'Organ' if are_btcv_organs(organs) else 'Class'} | "
+            + " | ".join(f"{n} vol.: diff [95% CI] (random / pre-trained)" for n in sizes) + " |")
     lines = [head, "|---|" + "---|" * len(sizes)]
     for organ in organs:
         cells = []
         for n in sizes:
             res = paired_by(records, n, metric, organ)
-            cells.append("n/a" if res is None else f"{_pct(res['baseline_mean'])} / {_pct(res['treatment_mean'])} / {100 * res['mean_diff']:+.1f} {_ci(res)}")
+            cells.append("n/a" if res is None else f"{100 * res['mean_diff']:+.1f} {_ci(res)} "
+                         f"({_pct(res['baseline_mean'])} / {_pct(res['treatment_mean'])})")
         lines.append(f"| {organ} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def organs_over(records: Sequence[dict[str, Any]], size: int, arm: str, threshold: float = 0.5) -> list[str]:
+    """The organs whose final Dice, averaged over seeds, is above ``threshold`` for one arm and size."""
+    sel = [r for r in records if r["size"] == size and r["arm"] == arm]
+    if not sel:
+        return []
+    organs = list(sel[0]["per_organ"])
+    means = {o: float(np.nanmean([r["per_organ"][o] for r in sel])) for o in organs}
+    return [o for o in organs if means[o] > threshold]
+
+
 def plot_study(records: Sequence[dict[str, Any]], probe: Sequence[dict[str, Any]], path: str | None = None):
-    """Mean ± sd validation Dice curves per arm and training-set size, plus the probe's curves."""
+    """Mean ± sd validation Dice curves per arm and training-set size, plus the probe's curves
+    (every probe arm, the baselines included)."""
     import matplotlib.pyplot as plt
 
     sizes = sorted({r["size"] for r in records})
     panels = len(sizes) + (1 if probe else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(4.6 * panels, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.9), squeeze=False)
     from .organs import count_label
 
-    colours = {"random": "tab:gray", "pretrained": "tab:red"}
-    labels = {"random": "random init", "pretrained": "pre-trained encoder"}
-    classes = list(records[0].get("final_organ", {})) if records else []  # the foreground classes
+    colours = {"random": "tab:gray", "pretrained": "tab:red", "patch_embedding": "tab:blue", "intensity": "tab:green"}
+    classes = list(records[0].get("per_organ", {})) if records else []  # the foreground classes
 
     def draw(ax, recs, title):
-        for arm in ("random", "pretrained"):
+        for arm in colours:
             curves = [r["curve"] for r in recs if r["arm"] == arm]
             if not curves:
                 continue
@@ -159,22 +191,80 @@ def plot_study(records: Sequence[dict[str, Any]], probe: Sequence[dict[str, Any]
             mean, sd = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(its))
             for v in vals:
                 ax.plot(its, v, color=colours[arm], alpha=0.25, lw=0.8)
-            ax.plot(its, mean, color=colours[arm], lw=2, label=f"{labels[arm]} (n={len(vals)})")
+            ax.plot(its, mean, color=colours[arm], lw=2, label=f"{ARM_NAMES[arm]} (n={len(vals)})")
             ax.fill_between(its, mean - sd, mean + sd, color=colours[arm], alpha=0.15)
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.set_ylabel(f"validation mean Dice, {count_label(classes)} (%)" if classes else "validation mean Dice (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left")
 
     for ax, n in zip(axes[0], sizes):
         draw(ax, [r for r in records if r["size"] == n], f"fine-tuning, {n} labeled volumes")
     if probe:
-        draw(axes[0][-1], probe, "linear probe on the frozen encoder")
+        draw(axes[0][-1], probe, "linear probe on frozen features")
     fig.tight_layout()
     if path:
         fig.savefig(path, dpi=120, bbox_inches="tight")
     return fig
+
+
+# the probe's arms: (arm, features, uses the pre-trained checkpoint)
+PROBE_ARMS = (("random", "encoder", False), ("pretrained", "encoder", True),
+              ("patch_embedding", "patch_embedding", True), ("intensity", "intensity", False))
+# what the pre-trained encoder's probe is compared with
+PROBE_BASELINES = ("random", "patch_embedding", "intensity")
+
+
+def _probe_run(cfg: dict[str, Any], arm: str, features: str, path: str | None, seed: int, n_train: int,
+               cohort_root: str, out: str) -> dict[str, Any]:
+    """One probe run (picklable for a worker process), reused from ``out`` when it exists."""
+    from .config import get_config
+    from .finetune.loop import final_from_history
+    from .probe import train_probe
+    from .stats import curve_auc
+
+    rec_path = os.path.join(out, f"{arm}_seed{seed}.json")
+    if os.path.exists(rec_path):
+        with open(rec_path) as f:
+            saved = json.load(f)
+        if saved.get("checkpoint") == _fingerprint(path) and saved.get("config") == cfg:
+            return saved["record"]
+    t0 = time.perf_counter()
+    iterations = int(cfg["probe_iterations"])  # six evaluations per probe, whatever the fine-tuning's interval
+    res = train_probe(get_config(cfg), path, seed=seed, n_train=n_train, cohort_root=cohort_root, progress=False,
+                      log=lambda msg: None, features=features, eval_every=max(1, iterations // 6))
+    curve = res.curve
+    final = final_from_history(res.history, int(cfg["ft_final_evals"]))  # as fine-tuning: the last few evaluations
+    record = {
+        "size": n_train, "seed": seed, "arm": arm, "features": features, "curve": curve,
+        "final": float(final["mean_dice"]), "final_iterations": final["iterations"],
+        "auc": curve_auc([c[0] for c in curve], [c[1] for c in curve]),
+        "per_organ": {o: float(v) for o, v in final["per_organ"].items()},
+        "encoder_unchanged": bool(res.encoder_unchanged), "time_s": time.perf_counter() - t0,
+    }
+    write_json(rec_path, {"checkpoint": _fingerprint(path), "config": cfg, "record": record})
+    return record
+
+
+def _fingerprint(path: str | None) -> str | None:
+    if not path:
+        return None
+    st = os.stat(path)
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def comparison_family(sizes: Sequence[int]) -> list[tuple[str, str, str]]:
+    """The study's headline comparisons ``(size, metric, baseline arm)``, all with the pre-trained
+    encoder as treatment: fine-tuning at every size (final Dice and AUC) and the probe against
+    each of its baselines (final and AUC). Their intervals are Bonferroni-corrected for this number."""
+    fam = [(str(n), m, "random") for n in sizes for m in ("final", "auc")]
+    return fam + [("probe", m, b) for b in PROBE_BASELINES for m in ("final", "auc")]
+
+
+# The study's budget on top of the preset (the demo's fine-tuning recipe, a longer run): chosen on the labeled tuning
+# split, results/ft_sweep/sweep.md (r48_f8_classes_lr4e-3_1500_cos); `--set` changes it.
+STUDY_OVERRIDES: dict[str, Any] = {"ft_iterations": 1500, "ft_eval_every": 100}
 
 
 def run_study(
@@ -185,22 +275,31 @@ def run_study(
     train_sizes: Sequence[int] | None = None,
     probe_size: int | None = None,
     cohort_root: str | None = None,
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,  # None: STUDY_OVERRIDES with the demo preset
     progress: bool = True,
     log=print,
+    workers: int | None = None,
+    level: float = 0.95,
 ) -> dict[str, Any]:
-    """Run (or resume) the whole study; returns the dict written to ``out/study.json``."""
+    """Run (or resume) the whole study; returns the dict written to ``out/study.json``.
+
+    Every headline interval is at family-wise confidence ``level``: Bonferroni over the
+    ``comparison_family`` (each interval at ``1 - (1 - level) / m``); the verdict follows it.
+    Per-organ intervals are unadjusted 95% and descriptive."""
     from .config import get_config
     from .finetune import compare_init
     from .organs import are_btcv_organs, count_label, organ_names
+    from .parallel import auto_workers, run_jobs
     from .pretrain import pretrain
-    from .probe import train_probe
     from .synthetic import make_cohort_from_config
 
     t_start = time.perf_counter()
-    cfg = get_config(preset, **{**(overrides or {}), "ssl_epochs": int(ssl_epochs) if ssl_epochs else None})
+    if overrides is None:
+        overrides = dict(STUDY_OVERRIDES) if preset == "demo" else {}
+    cfg = get_config(preset, **{**overrides, "ssl_epochs": int(ssl_epochs) if ssl_epochs else None})
     os.makedirs(out, exist_ok=True)
     cohort_root = cohort_root or os.path.join(REPO, "data", "synthetic")
+    workers = auto_workers() if workers is None else int(workers)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -217,42 +316,41 @@ def run_study(
 
     seed_list = list(range(int(seeds)))
     sizes = list(train_sizes) if train_sizes else [int(n) for n in cfg["synth_train_sizes"]]
-    log(f"[2/3] fine-tuning: sizes {sizes} x seeds {seed_list} x 2 arms")
+    log(f"[2/3] fine-tuning: sizes {sizes} x seeds {seed_list} x 2 arms, {workers} at a time")
     t0 = time.perf_counter()
     comp = compare_init(cfg, sizes, seed_list, best, logdir=os.path.join(out, "compare"), progress=progress,
-                        log=log, cohort_root=cohort_root)
+                        log=log, cohort_root=cohort_root, workers=workers)
     timings["finetune_s"] = time.perf_counter() - t0
     organs = list(comp["class_names"][1:]) or organ_names(int(cfg["out_channels"]))  # the datalist's classes
-    records = curve_metrics(comp["runs"], organs)
+    records = curve_metrics(comp["runs"], organs, int(cfg["ft_final_evals"]))
 
     probe_n = int(probe_size or min(sizes))
-    log(f"[3/3] linear probe on the frozen encoder ({probe_n} labeled volumes, seeds {seed_list})")
+    log(f"[3/3] linear probes on frozen features ({probe_n} labeled volumes, seeds {seed_list}, arms "
+        f"{[a for a, _, _ in PROBE_ARMS]})")
     t0 = time.perf_counter()
-    probe_records = []
-    for seed in seed_list:
-        for arm, path in (("random", None), ("pretrained", best)):
-            res = train_probe(cfg, path, seed=seed, n_train=probe_n, cohort_root=cohort_root, progress=progress, log=log)
-            from .stats import curve_auc
-
-            curve = res["curve"]
-            probe_records.append({
-                "size": probe_n, "seed": seed, "arm": arm, "curve": curve,
-                "final": float(res["final"]["mean_dice"]),
-                "auc": curve_auc([c[0] for c in curve], [c[1] for c in curve]),
-                "final_organ": {o: float(v) for o, v in res["final"]["per_organ"].items()},
-                "encoder_unchanged": bool(res["encoder_unchanged"]),
-            })
+    probe_dir = os.path.join(out, "probe")
+    os.makedirs(probe_dir, exist_ok=True)
+    jobs = [(_probe_run, dict(cfg=cfg.to_dict(), arm=arm, features=feat, path=best if uses_ckpt else None, seed=seed,
+                              n_train=probe_n, cohort_root=cohort_root, out=probe_dir))
+            for seed in seed_list for arm, feat, uses_ckpt in PROBE_ARMS]
+    probe_records = [rec for _, rec in sorted(run_jobs(jobs, workers), key=lambda x: x[0])]
     timings["probe_s"] = time.perf_counter() - t0
 
+    family = comparison_family(sizes)
+    m = len(family)
+    adj = 1 - (1 - level) / m
     stats: dict[str, Any] = {}
-    for n in sizes:
-        for metric in ("final", "auc"):
-            stats[f"{n}|{metric}"] = paired_by(records, n, metric)
-    probe_stats = {f"{probe_n}|{m}": paired_by(probe_records, probe_n, m) for m in ("final", "auc")}
+    probe_stats: dict[str, Any] = {}
+    for size, metric, base in family:
+        if size == "probe":
+            probe_stats[f"{probe_n}|{metric}|{base}"] = paired_by(probe_records, probe_n, metric, baseline=base, level=adj)
+        else:
+            stats[f"{size}|{metric}"] = paired_by(records, int(size), metric, level=adj)
     timings["total_s"] = time.perf_counter() - t_start
 
     fig_path = os.path.join(out, "study_curves.png")
     plot_study(records, probe_records, fig_path)
+    over = {str(n): {arm: organs_over(records, n, arm) for arm in ("random", "pretrained")} for n in sizes}
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": _machine(),
@@ -260,29 +358,45 @@ def run_study(
         "config": cfg.to_dict(),
         "seeds": seed_list,
         "train_sizes": sizes,
+        "workers": workers,
         "timings_s": timings,
         "ssl_history": ssl_history,
         "finetune_runs": records,
         "finetune_stats": stats,
+        "organs_over_50": over,
         "probe_runs": probe_records,
         "probe_stats": probe_stats,
+        "comparisons": {"family": [list(f) for f in family], "m": m, "family_level": level, "per_interval_level": adj,
+                        "method": "Bonferroni"},
         "figure": fig_path,
     }
     word = "organ" if are_btcv_organs(organs) else "class"
+    largest = max(sizes)
     report = (
         f"Study on the embedded synthetic cohort, preset `{preset}`, {len(seed_list)} paired seeds; "
-        f"{result['date']}; {result['machine']}; total {timings['total_s'] / 60:.0f} min "
-        f"(pre-training {timings['pretrain_s'] / 60:.0f}, fine-tuning {timings['finetune_s'] / 60:.0f}, "
-        f"probe {timings['probe_s'] / 60:.0f}).\n"
+        f"{result['date']}; {result['machine']}; {workers} run(s) side by side; total "
+        f"{timings['total_s'] / 60:.0f} min (pre-training {timings['pretrain_s'] / 60:.0f}, fine-tuning "
+        f"{timings['finetune_s'] / 60:.0f}, probes {timings['probe_s'] / 60:.0f}).\n"
         f"Budget: pre-training {cfg['ssl_epochs']} epochs; fine-tuning {cfg['ft_iterations']} iterations "
-        f"(evaluation every {cfg['ft_eval_every']}); probe {cfg['probe_iterations']} iterations.\n\n"
-        f"Mean Dice over the {count_label(organs)} (%), mean ± sd over seeds; difference = pre-trained − random, paired by "
-        "seed, with a 95% paired-t interval. AUC = area under the validation Dice curve divided by its length "
-        "(the curve's average height): early convergence shows there first.\n\n"
-        "**Full fine-tuning (UNETR)**\n\n" + summary_table(stats, "Training volumes")
-        + "\n**Linear probe on the frozen encoder**\n\n" + summary_table(probe_stats, "Training volumes")
-        + f"\n**Per {word}, final Dice (%)**\n\n" + organ_table(records, sizes, organs, "final")
-        + f"\n**Per {word}, AUC of the Dice curve (%)**\n\n" + organ_table(records, sizes, organs, "auc")
+        f"(evaluation every {cfg['ft_eval_every']}; final = mean of the last {cfg['ft_final_evals']} evaluations); "
+        f"probe {cfg['probe_iterations']} iterations. Validation: {comp['runs'][0]['n_val'] if comp['runs'] else '?'} "
+        "volumes of the reported split (no recipe choice looked at them).\n\n"
+        f"Mean Dice over the {count_label(organs)} (%). Difference = treatment − baseline, paired by seed. "
+        f"The study makes {m} headline comparisons (below); each interval is a paired-t interval at "
+        f"{100 * adj:.2f}% (Bonferroni: {100 * level:.0f}% for the {m} together) and the verdict follows it. "
+        "AUC = area under the validation Dice curve divided by its length (the curve's average height).\n\n"
+        "**Full fine-tuning (UNETR): pre-trained encoder − random initialisation**\n\n"
+        + summary_table(stats, "Training volumes")
+        + "\n**Linear probe on frozen features: the pre-trained encoder against a random encoder, its own patch "
+        "embedding alone, and per-patch intensity statistics + position (no network)**\n\n"
+        + summary_table(probe_stats, "Training volumes")
+        + f"\n{word.capitalize()}s above 50% Dice at {largest} volumes (mean over seeds): random init "
+        f"{len(over[str(largest)]['random'])} ({', '.join(over[str(largest)]['random']) or 'none'}), pre-trained "
+        f"{len(over[str(largest)]['pretrained'])} ({', '.join(over[str(largest)]['pretrained']) or 'none'}).\n"
+        + f"\n**Per {word}, final Dice (%)** (unadjusted 95% intervals, descriptive)\n\n"
+        + organ_table(records, sizes, organs, "final")
+        + f"\n**Per {word}, AUC of the Dice curve (%)** (unadjusted 95% intervals, descriptive)\n\n"
+        + organ_table(records, sizes, organs, "auc")
     )
     result["report"] = report
     write_json(os.path.join(out, "study.json"), result)
@@ -300,9 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_sizes", type=int, nargs="+", default=None, help="labeled training volumes")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. --set ft_iterations=400 (values parsed as JSON when possible)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="runs side by side in separate processes (default: 2 on a CPU-only machine, 1 with a GPU)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = dict(STUDY_OVERRIDES) if args.preset == "demo" else {}
     for item in args.set:
         if "=" not in item:
             parser.error(f"--set expects KEY=VALUE, got {item!r}")
@@ -313,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     sys.path.insert(0, REPO)
     run_study(args.out, args.preset, args.seeds, args.ssl_epochs, args.train_sizes, overrides=overrides,
-              progress=not args.no_progress)
+              progress=not args.no_progress, workers=args.workers)
     return 0
 
 

@@ -133,14 +133,17 @@ def comparison_report_markdown(results: dict[str, Any]) -> str:
     the best Dice over evaluations, the paired differences, and the per-organ table."""
     cfg = results.get("config", {})
     seeds = results.get("seeds", [])
+    k = int(cfg.get("ft_final_evals", 1) or 1)
+    final = "the last evaluation" if k == 1 else f"the mean of the last {k} evaluations"
     return (
-        f"Validation Dice (%), mean ± sd over {len(seeds)} seed(s) {list(seeds)}, after "
-        f"{cfg.get('ft_iterations', '?')} iterations (preset {cfg.get('preset', 'custom')}).\n\n"
+        f"Validation Dice (%) after {cfg.get('ft_iterations', '?')} iterations (preset {cfg.get('preset', 'custom')}), "
+        f"{len(seeds)} seed(s) {list(seeds)}; final Dice = {final}.\n\n"
+        "Pre-trained − random, paired by seed (same data order, crops and decoder initialisation):\n\n"
+        + results["paired_table"]
+        + "\nIn the reference's format (mean ± sd over seeds; relative improvement per seed, then averaged):\n\n"
         + results["table"]
         + "\nBest Dice over the evaluations (the reference's convention; selected on the validation set):\n\n"
         + results["table_best"]
-        + "\nPaired by seed (same data order, crops and decoder initialisation):\n\n"
-        + results["paired_table"]
         + f"\nPer {class_word(results)} (%, final, mean over seeds):\n\n"
         + results["per_organ_table"]
     )
