@@ -5,7 +5,8 @@ in two processes of one thread each finished 40 iterations each in 42-44 s on a 
 one after the other with two threads each took 34 s per run (1.5x the throughput side by side).
 ``run_jobs`` runs picklable jobs ``(function, kwargs)`` in ``workers`` spawned processes, each with
 ``cores // workers`` threads, and yields ``(index, result)`` as they finish (in the caller's
-process when ``workers`` is 1). A job's exception is raised in the caller, naming the job.
+process when ``workers`` is 1). A job's exception is raised in the caller as it was raised in the
+job (same type and message), with a note naming the job.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def run_jobs(jobs: Sequence[Job], workers: int = 1) -> Iterator[tuple[int, Any]]
                 i = pending.pop(fut)
                 try:
                     result = fut.result()
-                except Exception as exc:
+                except Exception as exc:  # the job's own exception (its type kept), with a note naming the job
                     for other in pending:
                         other.cancel()
-                    raise RuntimeError(f"job {i + 1} of {len(jobs)} failed: {exc}") from exc
+                    exc.add_note(f"(in job {i + 1} of {len(jobs)}, run in a worker process)")
+                    raise
                 yield i, result

@@ -102,3 +102,24 @@ def test_cosine_schedule_decays_every_group_to_zero(smoke_cohort, tmp_path):
     lrs = [g["lr"] for g in ckpt["optimizer"]["param_groups"]]
     assert lrs == pytest.approx([0.0, 0.0], abs=1e-12)
     assert ckpt["scheduler"] is not None
+
+
+def _fails(kind: str) -> None:
+    if kind == "bad":
+        raise FileNotFoundError("no such volume: case7.nii.gz")
+    return None
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_jobs_side_by_side_return_every_result_and_keep_the_error_type():
+    from ssl_utils.parallel import run_jobs
+
+    jobs = [(_square, {"x": k}) for k in range(4)]
+    assert sorted(run_jobs(jobs, workers=2)) == [(0, 0), (1, 1), (2, 4), (3, 9)]
+    assert sorted(run_jobs(jobs, workers=1)) == [(0, 0), (1, 1), (2, 4), (3, 9)]
+    with pytest.raises(FileNotFoundError, match="case7") as info:
+        list(run_jobs([(_fails, {"kind": "ok"}), (_fails, {"kind": "bad"})], workers=2))
+    assert any("job 2 of 2" in note for note in getattr(info.value, "__notes__", []))
