@@ -79,17 +79,18 @@ def run_summary(res, size: int, seed: int, arm: str, seconds: float) -> dict[str
 
 def _compare_run(cfg: dict[str, Any], size: int, seed: int, arm: str, data_root: str | None, json_path: str | None,
                  logdir: str, pretrained_path: str | None, resume: bool, device: str | None, progress: bool,
-                 cohort_root: str, log: Callable[[str], None] | None) -> tuple[dict[str, Any], list[str]]:
-    """One run of a comparison (picklable, so it can run in a worker process): its ``run_summary``
-    and the classes."""
+                 cohort_root: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """One run of a comparison (picklable, so it can run in a worker process): its ``run_summary``,
+    the classes, and the run's messages about resuming or starting afresh."""
+    notes: list[str] = []
     t0 = time.perf_counter()
     res = finetune(
         get_config(cfg).replace(seed=seed), data_root=data_root, json_path=json_path, logdir=logdir,
         pretrained_path=pretrained_path, use_pretrained=arm == "pretrained", resume="auto" if resume else False,
         device=device, progress=progress, cohort_root=cohort_root, n_train=size,
-        log=(lambda msg: log(msg) if ("resumed" in msg or "new run" in msg) else None) if log else (lambda msg: None),
+        log=lambda msg: notes.append(msg) if ("resumed" in msg or "new run" in msg) else None,
     )
-    return run_summary(res, size, seed, arm, time.perf_counter() - t0), list(res.class_names)
+    return run_summary(res, size, seed, arm, time.perf_counter() - t0), list(res.class_names), notes
 
 
 def _arms(pretrained_path: str | None, log: Callable[[str], None]) -> list[str]:
@@ -168,7 +169,6 @@ def compare_init(
             json_path=datalists[n], logdir=compare_run_dir(logdir, n, seed, arm),
             pretrained_path=pretrained_path if arm == "pretrained" else None, resume=resume, device=device,
             progress=progress and workers == 1, cohort_root=cohort_root,
-            log=(lambda msg: log("    " + msg)) if workers == 1 else None,
         )))
     if workers > 1:
         from ..synthetic import make_cohort_from_config
@@ -178,11 +178,13 @@ def compare_init(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(plan), desc="comparison runs", unit="run", disable=not progress or workers == 1)
-    for done, (i, (summary, names)) in enumerate(run_jobs(jobs, workers), start=1):
+    for done, (i, (summary, names, notes)) in enumerate(run_jobs(jobs, workers), start=1):
         n, seed, arm = plan[i]
         runs[i] = summary
         class_names = names
         bar.update(1)
+        for note in notes:
+            log("    " + note)
         log(f"[{done}/{len(plan)}] {n} training volumes, seed {seed}, {ARM_LABELS[arm].lower()}: final mean Dice "
             f"{100 * summary['final']:.2f}% (best {100 * summary['best']:.2f}% at iteration {summary['best_iteration']}) "
             f"in {summary['time_s']:.0f} s")
