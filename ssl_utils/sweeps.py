@@ -282,6 +282,8 @@ def _ft_header(cohort_root: str, workers: int) -> str:
         "3 evaluations; mean over the 13 organs.\n\n"
         f"Machine: {cpu_model()}, {os.cpu_count()} cores; {workers} settings ran side by side "
         f"({max(1, (os.cpu_count() or 1) // max(workers, 1))} thread(s) each); table written {time.strftime('%Y-%m-%d')}. "
+        "Times per iteration are indicative: other work shared the machine during parts of the sweep (equal settings "
+        "differed by up to 20%). "
         "Re-run: `python -m ssl_utils.sweeps finetune --out results/ft_sweep` (finished settings are reused).\n\n"
     )
 
@@ -305,15 +307,18 @@ def plot_finetune_sweep(rows: list[dict[str, Any]], path: str | None = None):
     """Left: tuning-split mean Dice against iteration, one line per setting. Right: final Dice per organ."""
     import matplotlib.pyplot as plt
 
-    fig, (ax, hm) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1.3]})
-    for r in rows:
+    fig, (ax, hm) = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [1, 1.25]})
+    colours = plt.get_cmap("tab20")
+    for k, r in enumerate(rows):
         its, dice = zip(*r["curve"]) if r["curve"] else ((), ())
-        ax.plot(its, [100 * d for d in dice], marker="o", ms=3, label=f"{r['name']} ({r['s_per_iteration']:.2f} s/it)")
+        pre = r.get("arm") == "pretrained"
+        ax.plot(its, [100 * d for d in dice], marker="o", ms=2.5, lw=1.2, color=colours(k % 20), ls="--" if pre else "-",
+                label=f"{r['name']} ({r['s_per_iteration']:.2f} s/it)")
     ax.set_xlabel("iteration")
     ax.set_ylabel("tuning-split mean Dice, 13 organs (%)")
-    ax.set_title("fine-tuning sweep, random initialisation")
+    ax.set_title("fine-tuning sweep (dashed: pre-trained encoder)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6.5, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
     organs = list(rows[0]["final_organ"]) if rows else []
     data = np.array([[100 * r["final_organ"].get(o, np.nan) for o in organs] for r in rows]) if rows else np.zeros((0, 0))
     im = hm.imshow(data, vmin=0, vmax=100, cmap="viridis", aspect="auto")
