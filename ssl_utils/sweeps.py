@@ -275,7 +275,8 @@ def _ft_header(cohort_root: str, workers: int) -> str:
     return (
         "# Fine-tuning recipe sweep (tuning split)\n\n"
         "Each row is the demo preset with "
-        f"{', '.join(f'{k}={v}' for k, v in FT_SWEEP_BASE.items())} and the changes named; random initialisation, "
+        f"{', '.join(f'{k}={v}' for k, v in FT_SWEEP_BASE.items())} and the changes named; random initialisation "
+        f"(round 3, the encoder's schedule, also runs the demo recipe's pre-trained encoder, {FT_SWEEP_ENCODER}), "
         f"seed {FT_SWEEP_SEED}, the largest training set of the embedded cohort. Dice is measured on the labeled "
         f"cohort's tuning split ({cohort.get('n_labeled_tune', '?')} volumes), never on the validation split "
         f"({cohort.get('n_labeled_val', '?')} volumes) that the demo and the study report. Final = mean of the last "
