@@ -372,7 +372,9 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         # the probe monitor: a downstream score every 10 epochs (2 labeled volumes to fit, 2 to score:
         # the labeled training list, never the validation list). 150 iterations, measured on those
         # volumes with this recipe's 60-epoch encoder against an untrained one: 40 iterations 4.4 vs 1.2%
-        # mean Dice (5.6 s), 150: 5.8 vs 3.0% (12.5 s), 300: 7.3 vs 3.3% (24 s).
+        # mean Dice (5.6 s), 150: 5.8 vs 3.0% (12.5 s), 300: 7.3 vs 3.3% (24 s). (Measured with the reference's
+        # crops, before the fine-tuning recipe below moved to class-balanced crops, which the probe shares; the
+        # demo run of 2026-12-04 with them: 4.1 vs 3.6% at 150 iterations.)
         "probe_every": 10,
         "probe_monitor_iterations": 150,
         "ft_spacing": (4.0, 4.0, 4.0),
