@@ -76,6 +76,28 @@ def _row(name: str, overrides: dict[str, Any], why: str, result, seconds: float)
     }
 
 
+def _cohort_meta(cohort_root: str) -> dict[str, Any]:
+    """The embedded cohort's generation parameters (``cohort.json``), or {} when there is none."""
+    meta = os.path.join(cohort_root, "cohort.json")
+    if not os.path.exists(meta):
+        return {}
+    with open(meta) as f:
+        return json.load(f)
+
+
+def _saved_row(settings_dir: str, name: str, overrides: dict[str, Any], log) -> dict[str, Any] | None:
+    """A setting's finished row, when it was run with exactly these overrides (else None: run it)."""
+    path = os.path.join(settings_dir, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("overrides") != json.loads(json.dumps(overrides)):
+        return None
+    log(f"[{name}] reused {path}")
+    return saved
+
+
 def run_pretrain_sweep(out: str, only: list[str] | None = None, runs_root: str = "runs/ssl_sweep",
                        cohort_root: str = "data/synthetic", log=print, preset: str = "demo",
                        settings: list[tuple[str, dict[str, Any], str]] | None = None) -> list[dict[str, Any]]:
@@ -91,13 +113,11 @@ def run_pretrain_sweep(out: str, only: list[str] | None = None, runs_root: str =
     for name, overrides, why in PRETRAIN_SETTINGS if settings is None else settings:
         if only and name not in only:
             continue
+        saved = _saved_row(settings_dir, name, overrides, log)
+        if saved is not None:
+            rows.append(saved)
+            continue
         path = os.path.join(settings_dir, f"{name}.json")
-        if os.path.exists(path):
-            saved = json.load(open(path))
-            if saved.get("overrides") == json.loads(json.dumps(overrides)):
-                log(f"[{name}] reused {path}")
-                rows.append(saved)
-                continue
         cfg = get_config(preset, **{**(SWEEP_BASE if preset == "demo" else {}), **overrides})
         log(f"[{name}] {why}: {overrides}")
         t0 = time.perf_counter()
@@ -114,14 +134,9 @@ def run_pretrain_sweep(out: str, only: list[str] | None = None, runs_root: str =
 
 
 def _sweep_header(cohort_root: str) -> str:
-    import json as _json
-
     from .runtime import cpu_model
 
-    cohort = {}
-    meta = os.path.join(cohort_root, "cohort.json")
-    if os.path.exists(meta):
-        cohort = _json.load(open(meta))
+    cohort = _cohort_meta(cohort_root)
     return (
         "# Pre-training recipe sweep\n\n"
         "Each row is the demo preset with the pre-training settings it had before this sweep "
@@ -242,13 +257,10 @@ def run_finetune_sweep(out: str, only: list[str] | None = None, runs_root: str =
     rows: dict[str, dict[str, Any]] = {}
     jobs = []
     for name, overrides, why in chosen:
-        path = os.path.join(out, "settings", f"{name}.json")
-        if os.path.exists(path):
-            saved = json.load(open(path))
-            if saved.get("overrides") == json.loads(json.dumps(overrides)):
-                log(f"[{name}] reused {path}")
-                rows[name] = saved
-                continue
+        saved = _saved_row(os.path.join(out, "settings"), name, overrides, log)
+        if saved is not None:
+            rows[name] = saved
+            continue
         jobs.append((finetune_setting, dict(name=name, overrides=overrides, why=why, out=out, runs_root=runs_root,
                                             cohort_root=cohort_root, preset=preset)))
     workers = auto_workers() if workers is None else int(workers)
@@ -268,10 +280,7 @@ def run_finetune_sweep(out: str, only: list[str] | None = None, runs_root: str =
 def _ft_header(cohort_root: str, workers: int) -> str:
     from .runtime import cpu_model
 
-    cohort = {}
-    meta = os.path.join(cohort_root, "cohort.json")
-    if os.path.exists(meta):
-        cohort = json.load(open(meta))
+    cohort = _cohort_meta(cohort_root)
     return (
         "# Fine-tuning recipe sweep (tuning split)\n\n"
         "Each row is the demo preset with "
