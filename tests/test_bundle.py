@@ -1,0 +1,246 @@
+"""MONAI bundles from this project's checkpoints (``ssl_utils.bundle``): both kinds export from real
+smoke runs, carry the metadata MONAI's bundle specification requires, parse and load their weights
+strictly, pass ``verify_net_in_out``, and the segmenter's ``inference.json`` runs under ``monai.bundle
+run`` and writes label maps on the inputs' own voxels; wrong checkpoints and occupied folders are
+refused with a message that names the file and the problem."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ssl_utils import build_unetr, get_config, load_pretrained_vit
+from ssl_utils.bundle import BUNDLE_FILES, export_bundle, main
+from ssl_utils.checkpoint import CheckpointError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REQUIRED_META = ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                 "required_packages_version", "task", "description", "authors", "copyright",
+                 "network_data_format", "name")
+IMAGE_INPUT = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
+               "channel_def")
+
+# `python -m monai.bundle` dispatches with the `fire` package, which this project does not install.
+# Without it, the same monai.bundle function is called with the same arguments (strings, as fire
+# passes paths).
+_NO_FIRE = """
+import sys
+import monai.bundle
+command, rest, positional, options = sys.argv[1], sys.argv[2:], [], {}
+while rest:
+    arg = rest.pop(0)
+    if arg.startswith("--"):
+        options[arg[2:]] = rest.pop(0)
+    else:
+        positional.append(arg)
+getattr(monai.bundle, command)(*positional, **options)
+"""
+
+
+def monai_bundle(*args: str, cwd: str) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle ARGS`` in a subprocess (one thread), from ``cwd``."""
+    if importlib.util.find_spec("fire") is not None:
+        cmd = [sys.executable, "-m", "monai.bundle", *args]
+    else:
+        cmd = [sys.executable, "-c", _NO_FIRE, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, smoke_cohort, one_thread):
+    """One smoke pre-training run and one fine-tuning run (2 iterations, Dice after each): their best_model.pt."""
+    from ssl_utils.finetune import finetune
+    from ssl_utils.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("runs")
+    pretrain(get_config("smoke"), logdir=str(root / "ssl"), cohort_root=smoke_cohort["root"], progress=False,
+             log=lambda m: None)
+    finetune(get_config("smoke", ft_iterations=2, ft_eval_every=1), data_root=smoke_cohort["btcv_root"],
+             json_path=smoke_cohort["btcv_json"][1], logdir=str(root / "ft"), use_pretrained=False, progress=False,
+             log=lambda m: None)
+    return {"encoder": str(root / "ssl" / "best_model.pt"), "segmenter": str(root / "ft" / "best_model.pt")}
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory, runs):
+    root = tmp_path_factory.mktemp("bundles")
+    return {kind: export_bundle(kind, runs[kind], str(root / kind)) for kind in ("encoder", "segmenter")}
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory, smoke_cohort):
+    """Two CT volumes to segment: a cohort image as it is (.nii.gz), and a crop of it with another
+    spacing, origin and axis order (.nii); plus a file that is not a volume."""
+    folder = tmp_path_factory.mktemp("volumes")
+    source = sorted(glob.glob(os.path.join(smoke_cohort["btcv_root"], "imagesTr", "*.nii.gz")))[0]
+    image = nib.load(source)
+    nib.save(image, str(folder / "first.nii.gz"))
+    data = np.asanyarray(image.dataobj)[5:50, 8:60, 2:]
+    affine = np.array([[0.0, 4.0, 0.0, -100.0], [5.0, 0.0, 0.0, 20.0], [0.0, 0.0, 7.0, -50.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(data, affine), str(folder / "second.nii"))
+    (folder / "notes.txt").write_text("not a volume")
+    return str(folder)
+
+
+def _meta(folder: str) -> dict:
+    with open(os.path.join(folder, "configs", "metadata.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _parser(folder: str):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(os.path.join(folder, "configs", "inference.json"))
+    parser.read_meta(os.path.join(folder, "configs", "metadata.json"))
+    return parser
+
+
+def test_metadata_holds_the_spec_fields_labels_dice_and_recipe(bundles, runs):
+    for kind, folder in bundles.items():
+        files = sorted(os.path.relpath(p, folder).replace(os.sep, "/")
+                       for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p))
+        assert files == sorted(BUNDLE_FILES), kind
+        meta = _meta(folder)
+        assert [k for k in REQUIRED_META if k not in meta] == [], kind
+        assert meta["version"] in meta["changelog"]
+        image = meta["network_data_format"]["inputs"]["image"]
+        assert [k for k in IMAGE_INPUT if k not in image] == [] and image["spatial_shape"] == [32, 32, 32]
+        assert "pred" in meta["network_data_format"]["outputs"]
+    ft = torch.load(runs["segmenter"], weights_only=True)
+    seg = _meta(bundles["segmenter"])
+    channel_def = seg["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert [channel_def[str(i)] for i in range(len(channel_def))] == ft["class_names"]
+    last = ft["history"][-1]
+    assert seg["eval_metrics"]["mean_dice"] == pytest.approx(last["val_mean_dice"])
+    per_class = seg["eval_metrics"]["per_class_dice"]
+    assert list(per_class) == ft["class_names"][1:]
+    assert all(per_class[n] == pytest.approx(last[f"dice_{n}"]) for n in per_class)
+    assert seg["training"]["n_train"] == 1 and seg["training"]["use_pretrained"] is False
+    ssl = torch.load(runs["encoder"], weights_only=True)
+    enc = _meta(bundles["encoder"])
+    recipe, row = enc["pretraining"], [r for r in ssl["history"] if "val_recon" in r][-1]
+    assert recipe["preset"] == "smoke" and recipe["epochs_run"] == ssl["epoch"] == 2
+    assert recipe["temperature"] == ssl["config"]["temperature"] and recipe["ssl_lr"] == ssl["config"]["ssl_lr"]
+    assert recipe["ssl_spacing"] == ssl["config"]["ssl_spacing"] and enc["architecture"]["roi"] == 32
+    losses = enc["eval_metrics"]
+    assert losses["val_recon_l1"] == pytest.approx(row["val_recon"])
+    assert losses["baseline_constant_l1"] == pytest.approx(row["val_const_l1"])
+    assert losses["baseline_copy_view1_l1"] == pytest.approx(row["val_copy_l1_1"])
+    assert "load_pretrained_vit" in open(os.path.join(bundles["encoder"], "docs", "README.md")).read()
+
+
+def test_network_def_builds_and_loads_the_weights_strictly(bundles):
+    from monai.networks.nets import UNETR, ViTAutoEnc
+
+    for kind, folder in bundles.items():
+        net = _parser(folder).get_parsed_content("network_def")
+        assert isinstance(net, ViTAutoEnc if kind == "encoder" else UNETR)
+        state = torch.load(os.path.join(folder, "models", "model.pt"), weights_only=True)
+        net.load_state_dict(state, strict=True)
+        out = net.eval()(torch.rand(1, 1, 32, 32, 32))
+        assert out.shape == ((1, 1, 32, 32, 32) if kind == "encoder" else (1, 14, 32, 32, 32))
+    # the encoder README's two ways into UNETR: the project's helper and copying the keys
+    weights = os.path.join(bundles["encoder"], "models", "model.pt")
+    report = load_pretrained_vit(build_unetr(get_config("smoke")), weights)
+    assert not report.missing and report.loaded
+    unetr = build_unetr(get_config("smoke"))
+    encoder = {k: v for k, v in torch.load(weights, weights_only=True).items() if not k.startswith("conv3d_transpose")}
+    unetr.vit.load_state_dict(encoder, strict=True)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "segmenter"])
+def test_verify_net_in_out_passes(bundles, kind, tmp_path):
+    folder = bundles[kind]
+    done = monai_bundle("verify_net_in_out", "network_def", "--meta_file", os.path.join(folder, "configs", "metadata.json"),
+                        "--config_file", os.path.join(folder, "configs", "inference.json"), cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "verified with no error" in done.stdout + done.stderr
+
+
+def test_bundle_run_writes_one_label_map_per_input_in_its_geometry(bundles, volumes, tmp_path):
+    out = tmp_path / "labels"
+    config = os.path.join(bundles["segmenter"], "configs", "inference.json")
+    done = monai_bundle("run", "--config_file", config, "--dataset_dir", volumes, "--output_dir", str(out),
+                        cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["first_seg.nii.gz", "second_seg.nii.gz"]
+    for name, ext in (("first", ".nii.gz"), ("second", ".nii")):
+        image, labels = nib.load(os.path.join(volumes, name + ext)), nib.load(str(out / f"{name}_seg.nii.gz"))
+        assert labels.shape == image.shape, name
+        assert np.allclose(labels.affine, image.affine, atol=1e-4), name
+        values = np.asanyarray(labels.dataobj)
+        assert np.issubdtype(values.dtype, np.integer) and values.min() >= 0 and values.max() <= 13
+
+
+def test_label_maps_lie_on_the_input_voxels(bundles, volumes, tmp_path, one_thread):
+    """With a network that labels the windowed intensity above 0.5 (HU > 37.5) as class 1, the
+    written map must match thresholding the input itself: the resampling, the reorientation (the
+    second volume's axes are swapped) and the crop are undone. A shift of 3 voxels scores ~0.6."""
+    parser = _parser(bundles["segmenter"])
+    parser["dataset_dir"], parser["output_dir"] = volumes, str(tmp_path)
+    parser["network"] = "$lambda x: torch.cat([0.5 - x, x - 0.5], dim=1)"
+    parser["initialize"] = []
+    parser.get_parsed_content("run")
+    for name, ext in (("first", ".nii.gz"), ("second", ".nii")):
+        bright = np.asanyarray(nib.load(os.path.join(volumes, name + ext)).dataobj) > -175 + 0.5 * 425
+        labelled = np.asanyarray(nib.load(str(tmp_path / f"{name}_seg.nii.gz")).dataobj) == 1
+        dice = 2 * (bright & labelled).sum() / (bright.sum() + labelled.sum())
+        assert dice > 0.75, (name, dice)
+
+
+def test_wrong_checkpoints_and_occupied_folders_are_refused(runs, tmp_path):
+    out = str(tmp_path / "bundle")
+    with pytest.raises(CheckpointError, match=r"best_model\.pt: --kind segmenter needs a fine-tuning checkpoint.*"
+                                              r"pre-training checkpoint.*--kind encoder"):
+        export_bundle("segmenter", runs["encoder"], out)
+    with pytest.raises(CheckpointError, match=r"--kind encoder needs a pre-training checkpoint.*out\.conv\.conv\.weight"):
+        export_bundle("encoder", runs["segmenter"], out)
+    missing = str(tmp_path / "nowhere.pt")
+    with pytest.raises(CheckpointError, match=rf"{missing}: file not found"):
+        export_bundle("encoder", missing, out)
+    bare = str(tmp_path / "no_config.pt")
+    torch.save({"state_dict": torch.load(runs["encoder"], weights_only=True)["state_dict"]}, bare)
+    with pytest.raises(CheckpointError, match=r"no_config\.pt: no 'config' entry"):
+        export_bundle("encoder", bare, out)
+    assert not os.path.exists(out)
+    # a folder with a user's file is left alone; a bundle of ours is replaced, unless a file was added to it
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"mine already holds files that are not a bundle exported by ssl_utils\.bundle "
+                                         r"\(notes\.txt\): refusing"):
+        export_bundle("encoder", runs["encoder"], str(user))
+    assert (user / "notes.txt").read_text() == "keep me" and os.listdir(user) == ["notes.txt"]
+    export_bundle("encoder", runs["encoder"], out)
+    assert export_bundle("segmenter", runs["segmenter"], out) == out
+    assert _meta(out)["exported_by"]["kind"] == "segmenter"
+    os.makedirs(os.path.join(out, "eval"))
+    open(os.path.join(out, "eval", "case_seg.nii.gz"), "w").close()
+    with pytest.raises(ValueError, match=r"eval/case_seg\.nii\.gz"):
+        export_bundle("segmenter", runs["segmenter"], out)
+
+
+def test_command_line(runs, tmp_path, capsys):
+    done = subprocess.run([sys.executable, "-m", "ssl_utils.bundle", "export", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}, timeout=120)
+    assert done.returncode == 0 and "--kind {encoder,segmenter}" in done.stdout and "--checkpoint" in done.stdout
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    assert exit_help.value.code == 0 and "export" in capsys.readouterr().out
+    out = str(tmp_path / "cli")
+    assert main(["export", "--kind", "encoder", "--checkpoint", runs["encoder"], "--out", out]) == 0
+    assert "wrote the encoder bundle" in capsys.readouterr().out and os.path.isfile(os.path.join(out, "models", "model.pt"))
+    with pytest.raises(SystemExit) as refused:
+        main(["export", "--kind", "segmenter", "--checkpoint", runs["encoder"], "--out", str(tmp_path / "other")])
+    assert refused.value.code == 2 and "--kind segmenter needs a fine-tuning checkpoint" in capsys.readouterr().err
