@@ -123,3 +123,21 @@ def test_jobs_side_by_side_return_every_result_and_keep_the_error_type():
     with pytest.raises(FileNotFoundError, match="case7") as info:
         list(run_jobs([(_fails, {"kind": "ok"}), (_fails, {"kind": "bad"})], workers=2))
     assert any("job 2 of 2" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_finetune_sweep_scores_the_tuning_split_and_reuses_finished_settings(smoke_cohort, tmp_path):
+    from ssl_utils.sweeps import run_finetune_sweep
+
+    settings = [("tiny", {"ft_iterations": 2, "ft_crop": "classes"}, "a smoke setting")]
+    kw = dict(out=str(tmp_path / "sweep"), runs_root=str(tmp_path / "runs"), cohort_root=smoke_cohort["root"],
+              preset="smoke", workers=1, settings=settings)
+    logs: list[str] = []
+    rows = run_finetune_sweep(log=logs.append, **kw)
+    assert len(rows) == 1 and rows[0]["n_tuning"] == 1 and rows[0]["arm"] == "random"
+    assert 0.0 <= rows[0]["final"] <= 1.0 and len(rows[0]["final_organ"]) == 13
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "tuning split" in table and "| tiny |" in table
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+    logs.clear()
+    again = run_finetune_sweep(log=logs.append, **kw)
+    assert again == rows and any("reused" in m for m in logs)
