@@ -183,23 +183,35 @@ def encoder_inference_config(cfg: Mapping[str, Any], bundle_root: str) -> dict[s
             **_vit_args(cfg),
         },
         "network": "$@network_def.to(@device)",
-        "preprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "LoadImaged", "keys": "image", "image_only": True},
-                {"_target_": "EnsureChannelFirstd", "keys": "image"},
-                {"_target_": "Spacingd", "keys": "image", "pixdim": list(cfg["ssl_spacing"]), "mode": "bilinear"},
-                {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": float(cfg["ssl_a_min"]),
-                 "a_max": float(cfg["ssl_a_max"]), "b_min": 0.0, "b_max": 1.0, "clip": True},
-                {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "allow_smaller": True},
-                {"_target_": "SpatialPadd", "keys": "image", "spatial_size": _cube(cfg["roi"])},
-            ],
-        },
+        "preprocessing": _preprocessing(cfg["ssl_spacing"], cfg["ssl_a_min"], cfg["ssl_a_max"], orient=False,
+                                        pad=_cube(cfg["roi"])),
         "initialize": [
             "$@network.load_state_dict(torch.load(@ckpt_path, map_location=@device, weights_only=True))",
             "$@network.eval()",
         ],
     }
+
+
+def _preprocessing(spacing, a_min: float, a_max: float, orient: bool, pad: list[int] | None = None) -> dict[str, Any]:
+    """The deterministic stage of ``ssl_utils.transforms`` (``pretrain_deterministic`` without
+    orientation, with padding to the crop; ``finetune_deterministic`` with RAS orientation), for the
+    image alone, as bundle config: load, channel first, [RAS,] resample (bilinear), window to [0, 1],
+    crop foreground[, pad]. A test checks it gives the arrays the project's own chain gives."""
+    transforms: list[dict[str, Any]] = [
+        {"_target_": "LoadImaged", "keys": "image", "image_only": True},
+        {"_target_": "EnsureChannelFirstd", "keys": "image"},
+    ]
+    if orient:
+        transforms.append({"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": _RAS_LABELS})
+    transforms += [
+        {"_target_": "Spacingd", "keys": "image", "pixdim": [float(v) for v in spacing], "mode": "bilinear"},
+        {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": float(a_min), "a_max": float(a_max),
+         "b_min": 0.0, "b_max": 1.0, "clip": True},
+        {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "allow_smaller": True},
+    ]
+    if pad is not None:
+        transforms.append({"_target_": "SpatialPadd", "keys": "image", "spatial_size": pad})
+    return {"_target_": "Compose", "transforms": transforms}
 
 
 def segmenter_inference_config(cfg: Mapping[str, Any], bundle_root: str) -> dict[str, Any]:
@@ -226,18 +238,7 @@ def segmenter_inference_config(cfg: Mapping[str, Any], bundle_root: str) -> dict
             **_vit_args(cfg),
         },
         "network": "$@network_def.to(@device)",
-        "preprocessing": {
-            "_target_": "Compose",
-            "transforms": [
-                {"_target_": "LoadImaged", "keys": "image", "image_only": True},
-                {"_target_": "EnsureChannelFirstd", "keys": "image"},
-                {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS", "labels": _RAS_LABELS},
-                {"_target_": "Spacingd", "keys": "image", "pixdim": list(cfg["ft_spacing"]), "mode": "bilinear"},
-                {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": float(cfg["ft_a_min"]),
-                 "a_max": float(cfg["ft_a_max"]), "b_min": 0.0, "b_max": 1.0, "clip": True},
-                {"_target_": "CropForegroundd", "keys": "image", "source_key": "image", "allow_smaller": True},
-            ],
-        },
+        "preprocessing": _preprocessing(cfg["ft_spacing"], cfg["ft_a_min"], cfg["ft_a_max"], orient=True),
         "dataset": {"_target_": "Dataset", "data": "$[{'image': f} for f in @datalist]", "transform": "@preprocessing"},
         "inferer": {
             "_target_": "SlidingWindowInferer",

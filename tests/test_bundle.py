@@ -244,3 +244,26 @@ def test_command_line(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as refused:
         main(["export", "--kind", "segmenter", "--checkpoint", runs["encoder"], "--out", str(tmp_path / "other")])
     assert refused.value.code == 2 and "--kind segmenter needs a fine-tuning checkpoint" in capsys.readouterr().err
+
+
+def test_preprocessing_is_the_projects_own_chain(bundles, runs, volumes):
+    """The bundle restates ssl_utils.transforms' deterministic stage as config: same arrays."""
+    import torch
+
+    from ssl_utils.checkpoint import load_checkpoint
+    from ssl_utils.config import get_config
+    from ssl_utils.transforms import finetune_deterministic, pretrain_deterministic
+    from monai.transforms import Compose
+
+    for path in (os.path.join(volumes, "first.nii.gz"), os.path.join(volumes, "second.nii")):
+        for kind in ("encoder", "segmenter"):
+            cfg = get_config(load_checkpoint(runs[kind])["config"])
+            ours = (pretrain_deterministic(cfg) if kind == "encoder" else
+                    finetune_deterministic(cfg))
+            if kind == "segmenter":  # the project's chain carries the label too; feed it the image as label
+                expected = Compose(ours)({"image": path, "label": path})["image"]
+            else:
+                expected = Compose(ours)({"image": path})["image"]
+            got = _parser(bundles[kind]).get_parsed_content("preprocessing")({"image": path})["image"]
+            assert tuple(got.shape) == tuple(expected.shape), (kind, path)
+            assert torch.allclose(torch.as_tensor(got), torch.as_tensor(expected)), (kind, path)
