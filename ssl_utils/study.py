@@ -262,6 +262,44 @@ def comparison_family(sizes: Sequence[int]) -> list[tuple[str, str, str]]:
     return fam + [("probe", m, b) for b in PROBE_BASELINES for m in ("final", "auc")]
 
 
+def study_report(result: dict[str, Any], organs: Sequence[str]) -> str:
+    """``study.md``: how, when and with what budget the study ran, the corrected headline tables
+    (paired difference first), the organs above 50%, and the per-organ tables."""
+    from .organs import are_btcv_organs, count_label
+
+    cfg, timings, sizes = result["config"], result["timings_s"], result["train_sizes"]
+    m, adj = result["comparisons"]["m"], result["comparisons"]["per_interval_level"]
+    level, over = result["comparisons"]["family_level"], result["organs_over_50"]
+    word = "organ" if are_btcv_organs(organs) else "class"
+    largest = max(sizes)
+    return (
+        f"Study on the embedded synthetic cohort, preset `{result['preset']}`, {len(result['seeds'])} paired seeds; "
+        f"{result['date']}; {result['machine']}; {result['workers']} run(s) side by side; total "
+        f"{timings['total_s'] / 60:.0f} min (pre-training {timings['pretrain_s'] / 60:.0f}, fine-tuning "
+        f"{timings['finetune_s'] / 60:.0f}, probes {timings['probe_s'] / 60:.0f}).\n"
+        f"Budget: pre-training {cfg['ssl_epochs']} epochs; fine-tuning {cfg['ft_iterations']} iterations "
+        f"(evaluation every {cfg['ft_eval_every']}; final = mean of the last {cfg['ft_final_evals']} evaluations); "
+        f"probe {cfg['probe_iterations']} iterations. Validation: {result['n_val'] or '?'} "
+        "volumes of the reported split (no recipe choice looked at them).\n\n"
+        f"Mean Dice over the {count_label(organs)} (%). Difference = treatment − baseline, paired by seed. "
+        f"The study makes {m} headline comparisons (below); each interval is a paired-t interval at "
+        f"{100 * adj:.2f}% (Bonferroni: {100 * level:.0f}% for the {m} together) and the verdict follows it. "
+        "AUC = area under the validation Dice curve divided by its length (the curve's average height).\n\n"
+        "**Full fine-tuning (UNETR): pre-trained encoder − random initialisation**\n\n"
+        + summary_table(result["finetune_stats"], "Training volumes")
+        + "\n**Linear probe on frozen features: the pre-trained encoder against a random encoder, its own patch "
+        "embedding alone, and per-patch intensity statistics + position (no network)**\n\n"
+        + summary_table(result["probe_stats"], "Training volumes")
+        + f"\n{word.capitalize()}s above 50% Dice at {largest} volumes (mean over seeds): random init "
+        f"{len(over[str(largest)]['random'])} ({', '.join(over[str(largest)]['random']) or 'none'}), pre-trained "
+        f"{len(over[str(largest)]['pretrained'])} ({', '.join(over[str(largest)]['pretrained']) or 'none'}).\n"
+        + f"\n**Per {word}, final Dice (%)** (unadjusted 95% intervals, descriptive)\n\n"
+        + organ_table(result["finetune_runs"], sizes, organs, "final")
+        + f"\n**Per {word}, AUC of the Dice curve (%)** (unadjusted 95% intervals, descriptive)\n\n"
+        + organ_table(result["finetune_runs"], sizes, organs, "auc")
+    )
+
+
 # The study's budget on top of the preset (the demo's fine-tuning recipe, run longer), chosen on the labeled tuning
 # split (results/ft_sweep/sweep.md): 1,500 iterations with a cosine decay reached 52.9% mean Dice (final = mean of
 # the last 3 evaluations; 53.0% at the end, flat over the last 300 iterations) against 45.6% for 800 at a constant
@@ -290,7 +328,7 @@ def run_study(
     Per-organ intervals are unadjusted 95% and descriptive."""
     from .config import get_config
     from .finetune import compare_init
-    from .organs import are_btcv_organs, count_label, organ_names
+    from .organs import organ_names
     from .parallel import auto_workers, run_jobs
     from .pretrain import pretrain
     from .synthetic import make_cohort_from_config
@@ -360,6 +398,7 @@ def run_study(
         "config": cfg.to_dict(),
         "seeds": seed_list,
         "train_sizes": sizes,
+        "n_val": comp["runs"][0]["n_val"] if comp["runs"] else None,
         "workers": workers,
         "timings_s": timings,
         "ssl_history": ssl_history,
@@ -372,34 +411,7 @@ def run_study(
                         "method": "Bonferroni"},
         "figure": fig_path,
     }
-    word = "organ" if are_btcv_organs(organs) else "class"
-    largest = max(sizes)
-    report = (
-        f"Study on the embedded synthetic cohort, preset `{preset}`, {len(seed_list)} paired seeds; "
-        f"{result['date']}; {result['machine']}; {workers} run(s) side by side; total "
-        f"{timings['total_s'] / 60:.0f} min (pre-training {timings['pretrain_s'] / 60:.0f}, fine-tuning "
-        f"{timings['finetune_s'] / 60:.0f}, probes {timings['probe_s'] / 60:.0f}).\n"
-        f"Budget: pre-training {cfg['ssl_epochs']} epochs; fine-tuning {cfg['ft_iterations']} iterations "
-        f"(evaluation every {cfg['ft_eval_every']}; final = mean of the last {cfg['ft_final_evals']} evaluations); "
-        f"probe {cfg['probe_iterations']} iterations. Validation: {comp['runs'][0]['n_val'] if comp['runs'] else '?'} "
-        "volumes of the reported split (no recipe choice looked at them).\n\n"
-        f"Mean Dice over the {count_label(organs)} (%). Difference = treatment − baseline, paired by seed. "
-        f"The study makes {m} headline comparisons (below); each interval is a paired-t interval at "
-        f"{100 * adj:.2f}% (Bonferroni: {100 * level:.0f}% for the {m} together) and the verdict follows it. "
-        "AUC = area under the validation Dice curve divided by its length (the curve's average height).\n\n"
-        "**Full fine-tuning (UNETR): pre-trained encoder − random initialisation**\n\n"
-        + summary_table(stats, "Training volumes")
-        + "\n**Linear probe on frozen features: the pre-trained encoder against a random encoder, its own patch "
-        "embedding alone, and per-patch intensity statistics + position (no network)**\n\n"
-        + summary_table(probe_stats, "Training volumes")
-        + f"\n{word.capitalize()}s above 50% Dice at {largest} volumes (mean over seeds): random init "
-        f"{len(over[str(largest)]['random'])} ({', '.join(over[str(largest)]['random']) or 'none'}), pre-trained "
-        f"{len(over[str(largest)]['pretrained'])} ({', '.join(over[str(largest)]['pretrained']) or 'none'}).\n"
-        + f"\n**Per {word}, final Dice (%)** (unadjusted 95% intervals, descriptive)\n\n"
-        + organ_table(records, sizes, organs, "final")
-        + f"\n**Per {word}, AUC of the Dice curve (%)** (unadjusted 95% intervals, descriptive)\n\n"
-        + organ_table(records, sizes, organs, "auc")
-    )
+    report = study_report(result, organs)
     result["report"] = report
     write_json(os.path.join(out, "study.json"), result)
     write_text(os.path.join(out, "study.md"), report)
