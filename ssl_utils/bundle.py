@@ -155,7 +155,7 @@ def _vit_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _common_config(bundle_root: str) -> dict[str, Any]:
     return {
-        "imports": ["$import glob", "$import os"],
+        "imports": ["$import glob", "$import os", "$import time"],
         # where the bundle was exported; after moving it, pass --bundle_root NEW_FOLDER
         "bundle_root": bundle_root,
         "ckpt_path": "$os.path.join(@bundle_root, 'models', 'model.pt')",
@@ -267,7 +267,9 @@ def segmenter_inference_config(cfg: Mapping[str, Any], bundle_root: str) -> dict
             "$@network.load_state_dict(torch.load(@ckpt_path, map_location=@device, weights_only=True))",
             "$@network.eval()",
         ],
-        "run": ["$[print('wrote', @segment(item), flush=True) for item in @dataset]"],
+        # volume i of the dataset -> (path written, seconds from reading the file to writing the label map)
+        "segment_timed": "$lambda i: (lambda t0: (@segment(@dataset[i]), time.perf_counter() - t0))(time.perf_counter())",
+        "run": ["$[print('wrote {} in {:.2f} s'.format(*@segment_timed(i)), flush=True) for i in range(len(@dataset))]"],
         "finalize": ["$print('segmented', len(@datalist), 'volume(s) of', @dataset_dir, 'into', @output_dir)"],
     }
 

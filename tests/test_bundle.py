@@ -10,6 +10,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -175,6 +176,10 @@ def test_bundle_run_writes_one_label_map_per_input_in_its_geometry(bundles, volu
                         cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["first_seg.nii.gz", "second_seg.nii.gz"]
+    # one line per volume with its time, then the summary
+    wrote = re.findall(r"^wrote (\S+) in (\d+\.\d+) s$", done.stdout, flags=re.M)
+    assert sorted(os.path.basename(p) for p, _ in wrote) == ["first_seg.nii.gz", "second_seg.nii.gz"], done.stdout
+    assert f"segmented 2 volume(s) of {volumes} into {out}" in done.stdout
     for name, ext in (("first", ".nii.gz"), ("second", ".nii")):
         image, labels = nib.load(os.path.join(volumes, name + ext)), nib.load(str(out / f"{name}_seg.nii.gz"))
         assert labels.shape == image.shape, name
