@@ -8,6 +8,7 @@ The reference's fine-tuning code (keep the keys ``unetr.vit`` has) loads it as i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
@@ -64,6 +65,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, IndexError, KeyError, TypeError) as exc:  # a text or foreign file
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"checkpoint {path}: not a readable PyTorch checkpoint ({first})") from None
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint's weights (``"state_dict"``, or the file itself when it is a plain
+    state dict): names, dtypes, shapes and values in name order. Two files with the same weights
+    have the same digest whatever else they hold (history, timings) and whenever they were written,
+    so a pre-training run repeated on another machine can be recognised as the same encoder."""
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {os.fspath(path)}: no weights to digest (expected a state dict)")
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def capture_rng_state() -> dict[str, Any]:

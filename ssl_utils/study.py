@@ -248,10 +248,84 @@ def _probe_run(cfg: dict[str, Any], arm: str, features: str, path: str | None, s
 
 
 def _fingerprint(path: str | None) -> str | None:
-    if not path:
-        return None
-    st = os.stat(path)
-    return f"{st.st_size}-{st.st_mtime_ns}"
+    """The pre-trained encoder a probe record belongs to: the digest of its weights (the same
+    after a copy to another machine or a repeated, identical pre-training run)."""
+    from .checkpoint import weights_digest
+
+    return weights_digest(path) if path else None
+
+
+def save_state(out: str, dest: str, cohort_root: str | None = None, log=print) -> list[str]:
+    """Copy what a study in ``out`` has finished, without weights, to ``dest``: for each finished
+    fine-tuning run its ``run_record.json`` (written here from its checkpoint when the run predates
+    records) and ``history.json``, and the probe records. ``run_study(..., from_state=dest)`` (or
+    ``--from_state``) on another machine reuses them: the pre-training is run again, and the
+    pre-trained arm's records count only when it gives the same encoder weights (their digest).
+    Returns the files written."""
+    import glob
+    import shutil
+
+    from .checkpoint import load_checkpoint
+    from .config import get_config
+    from .finetune.compare import RECORD_NAME, finished_run_record
+    from .finetune.inputs import resolve_ft_data
+
+    cohort_root = cohort_root or os.path.join(REPO, "data", "synthetic")
+    summaries: dict[tuple, dict[str, Any]] = {}
+    results = os.path.join(out, "compare", "results.json")
+    if os.path.isfile(results):
+        with open(results) as f:
+            saved = json.load(f)
+        summaries = {(r["size"], r["seed"], r["arm"]): r for r in saved.get("runs", [])}
+    written: list[str] = []
+    for run_dir in sorted(glob.glob(os.path.join(out, "compare", "n*", "seed*", "*"))):
+        rec_path = os.path.join(run_dir, RECORD_NAME)
+        arm, seed, size = (os.path.basename(p) for p in (run_dir, os.path.dirname(run_dir), os.path.dirname(os.path.dirname(run_dir))))
+        key = (int(size[1:]), int(seed[4:]), arm)
+        last = os.path.join(run_dir, "last_model.pt")
+        if not os.path.isfile(rec_path) and key in summaries and os.path.isfile(last):  # a run that predates records
+            ckpt = load_checkpoint(last)
+            datalist = resolve_ft_data(get_config(ckpt["config"]), None, None, cohort_root, key[0])[1]
+            record = finished_run_record(run_dir, summaries[key], ckpt.get("class_names") or [], datalist)
+            if record is not None:
+                write_json(rec_path, record)
+        if not os.path.isfile(rec_path):
+            log(f"not finished, not kept: {run_dir}")
+            continue
+        target = os.path.join(dest, os.path.relpath(run_dir, out))
+        os.makedirs(target, exist_ok=True)
+        for name in (RECORD_NAME, "history.json"):
+            shutil.copyfile(os.path.join(run_dir, name), os.path.join(target, name))
+            written.append(os.path.join(target, name))
+    for path in sorted(glob.glob(os.path.join(out, "probe", "*.json"))):
+        target = os.path.join(dest, "probe", os.path.basename(path))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(path, target)
+        written.append(target)
+    runs = sum(p.endswith(RECORD_NAME) for p in written)
+    log(f"kept {runs} finished fine-tuning run(s) and {len(written) - 2 * runs} probe record(s) in {dest}")
+    return written
+
+
+def restore_state(src: str, out: str, log=print) -> int:
+    """Copy the records ``save_state`` wrote in ``src`` into the study folder ``out``, never over
+    a file that is there; returns how many were copied."""
+    import shutil
+
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"study state {src}: no such folder (write one with --save_state)")
+    copied = 0
+    for root, _, files in os.walk(src):
+        for name in files:
+            if not name.endswith(".json"):
+                continue
+            target = os.path.join(out, os.path.relpath(os.path.join(root, name), src))
+            if not os.path.exists(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(os.path.join(root, name), target)
+                copied += 1
+    log(f"restored {copied} record file(s) from {src} into {out}")
+    return copied
 
 
 def comparison_family(sizes: Sequence[int]) -> list[tuple[str, str, str]]:
@@ -276,7 +350,10 @@ def study_report(result: dict[str, Any], organs: Sequence[str]) -> str:
         f"Study on the embedded synthetic cohort, preset `{result['preset']}`, {len(result['seeds'])} paired seeds; "
         f"{result['date']}; {result['machine']}; {result['workers']} run(s) side by side; total "
         f"{timings['total_s'] / 60:.0f} min (pre-training {timings['pretrain_s'] / 60:.0f}, fine-tuning "
-        f"{timings['finetune_s'] / 60:.0f}, probes {timings['probe_s'] / 60:.0f}).\n"
+        f"{timings['finetune_s'] / 60:.0f}, probes {timings['probe_s'] / 60:.0f})"
+        + (f"; {result['reused_runs']} of the {len(result['finetune_runs'])} fine-tuning runs were recorded by an earlier "
+           f"invocation and reused (the runs' own times add up to {timings['finetune_runs_s'] / 60:.0f} min, "
+           f"{result['workers']} at a time)" if result.get("reused_runs") else "") + ".\n"
         f"Budget: pre-training {cfg['ssl_epochs']} epochs; fine-tuning {cfg['ft_iterations']} iterations "
         f"(evaluation every {cfg['ft_eval_every']}; final = mean of the last {cfg['ft_final_evals']} evaluations); "
         f"probe {cfg['probe_iterations']} iterations. Validation: {result['n_val'] or '?'} "
@@ -320,12 +397,15 @@ def run_study(
     log=print,
     workers: int | None = None,
     level: float = 0.95,
+    from_state: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the whole study; returns the dict written to ``out/study.json``.
 
     Every headline interval is at family-wise confidence ``level``: Bonferroni over the
     ``comparison_family`` (each interval at ``1 - (1 - level) / m``); the verdict follows it.
-    Per-organ intervals are unadjusted 95% and descriptive."""
+    Per-organ intervals are unadjusted 95% and descriptive. ``from_state``: a folder written by
+    ``save_state`` (on this or another machine); its records are copied into ``out`` first and the
+    runs they record are reused, not trained again."""
     from .config import get_config
     from .finetune import compare_init
     from .organs import organ_names
@@ -338,6 +418,8 @@ def run_study(
         overrides = dict(STUDY_OVERRIDES) if preset == "demo" else {}
     cfg = get_config(preset, **{**overrides, "ssl_epochs": int(ssl_epochs) if ssl_epochs else None})
     os.makedirs(out, exist_ok=True)
+    if from_state:
+        restore_state(from_state, out, log=log)
     cohort_root = cohort_root or os.path.join(REPO, "data", "synthetic")
     workers = auto_workers() if workers is None else int(workers)
     timings: dict[str, float] = {}
@@ -361,6 +443,8 @@ def run_study(
     comp = compare_init(cfg, sizes, seed_list, best, logdir=os.path.join(out, "compare"), progress=progress,
                         log=log, cohort_root=cohort_root, workers=workers)
     timings["finetune_s"] = time.perf_counter() - t0
+    timings["finetune_runs_s"] = float(sum(r["time_s"] for r in comp["runs"]))  # every run's own time, reused ones too
+    reused = sum(bool(r.get("reused_record")) for r in comp["runs"])
     organs = list(comp["class_names"][1:]) or organ_names(int(cfg["out_channels"]))  # the datalist's classes
     records = curve_metrics(comp["runs"], organs, int(cfg["ft_final_evals"]))
 
@@ -401,6 +485,7 @@ def run_study(
         "n_val": comp["runs"][0]["n_val"] if comp["runs"] else None,
         "workers": workers,
         "timings_s": timings,
+        "reused_runs": reused,
         "ssl_history": ssl_history,
         "finetune_runs": records,
         "finetune_stats": stats,
@@ -431,7 +516,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="runs side by side in separate processes (default: 2 on a CPU-only machine, 1 with a GPU)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--save_state", metavar="DIR", default=None,
+                        help="copy what the study in --out has finished (records, no weights) to DIR, then exit")
+    parser.add_argument("--from_state", metavar="DIR", default=None,
+                        help="continue a study from the records in DIR (written by --save_state, e.g. on another machine)")
     args = parser.parse_args(argv)
+    if args.save_state:
+        sys.path.insert(0, REPO)
+        save_state(args.out, args.save_state)
+        return 0
     overrides: dict[str, Any] = dict(STUDY_OVERRIDES) if args.preset == "demo" else {}
     for item in args.set:
         if "=" not in item:
@@ -443,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = value
     sys.path.insert(0, REPO)
     run_study(args.out, args.preset, args.seeds, args.ssl_epochs, args.train_sizes, overrides=overrides,
-              progress=not args.no_progress, workers=args.workers)
+              progress=not args.no_progress, workers=args.workers, from_state=args.from_state)
     return 0
 
 

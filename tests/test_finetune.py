@@ -261,3 +261,38 @@ def test_compare_init_fills_every_cell(tmp_path, smoke_cohort, vit_checkpoint):
                  log=messages.append)
     text = "\n".join(messages)
     assert text.count("is not the file this run started from") == 1 and text.count("resumed from") == 1
+
+
+def test_compare_init_reuses_records_of_finished_runs_without_their_weights(tmp_path, smoke_cohort, vit_checkpoint):
+    """A finished run leaves run_record.json; with its checkpoints gone (the folder copied to another
+    machine) the run is reused, unless the pre-trained encoder's weights are not the ones it started from."""
+    import shutil
+
+    cfg = get_config("smoke", ft_iterations=2, ft_eval_every=1)
+    pre = str(tmp_path / "encoder.pt")
+    shutil.copyfile(vit_checkpoint, pre)
+    logdir = str(tmp_path / "compare")
+    kw = dict(cohort_root=smoke_cohort["root"], progress=False, logdir=logdir)
+    first = compare_init(cfg, [1], [0], pre, log=lambda *_: None, **kw)
+    for arm in ("random", "pretrained"):
+        run = os.path.join(logdir, "n1", "seed0", arm)
+        with open(os.path.join(run, "run_record.json")) as f:
+            rec = json.load(f)
+        assert rec["iteration"] == 2 and (rec["pretrained_digest"] is None) == (arm == "random")
+        for name in ("last_model.pt", "best_model.pt"):
+            os.remove(os.path.join(run, name))
+    messages: list[str] = []
+    again = compare_init(cfg, [1], [0], pre, log=messages.append, **kw)
+    assert "\n".join(messages).count("reused the finished run recorded in") == 2
+    assert [r["final"] for r in again["runs"]] == [r["final"] for r in first["runs"]]
+    assert not os.path.exists(os.path.join(logdir, "n1", "seed0", "random", "last_model.pt"))
+    # other encoder weights: the pre-trained arm trains again, the random arm is still reused
+    ckpt = torch.load(pre, map_location="cpu", weights_only=True)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("weight"))
+    ckpt["state_dict"][key] = ckpt["state_dict"][key] + 1.0
+    torch.save(ckpt, pre)
+    messages = []
+    compare_init(cfg, [1], [0], pre, log=messages.append, **kw)
+    text = "\n".join(messages)
+    assert text.count("reused the finished run recorded in") == 1 and "are not those the run started from" in text
+    assert os.path.exists(os.path.join(logdir, "n1", "seed0", "pretrained", "last_model.pt"))

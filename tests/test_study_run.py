@@ -73,3 +73,27 @@ def test_rerun_reuses_every_finished_run(study, smoke_cohort):
     assert after == stamps  # no checkpoint was written again
     assert [r["final"] for r in again["finetune_runs"]] == [r["final"] for r in res["finetune_runs"]]
     assert [r["final"] for r in again["probe_runs"]] == [r["final"] for r in res["probe_runs"]]
+
+
+def test_a_study_continues_elsewhere_from_its_saved_state(study, smoke_cohort, tmp_path):
+    """--save_state keeps the finished runs without weights; --from_state on a bare folder (another
+    machine) pre-trains again, recognises the same encoder by its weights, and trains nothing else."""
+    from ssl_utils.study import main, run_study
+
+    out, res, _ = study
+    state = str(tmp_path / "state")
+    assert main(["--out", out, "--save_state", state]) == 0
+    kept = sorted(os.path.relpath(os.path.join(r, f), state) for r, _, files in os.walk(state) for f in files)
+    assert not [k for k in kept if k.endswith(".pt")]
+    assert sum(k.endswith("run_record.json") for k in kept) == 4 and sum(k.startswith("probe") for k in kept) == 8
+    elsewhere = str(tmp_path / "elsewhere")
+    logs: list[str] = []
+    again = run_study(elsewhere, preset="smoke", seeds=2, train_sizes=[1], cohort_root=smoke_cohort["root"],
+                      progress=False, log=logs.append, workers=1, from_state=state,
+                      overrides={"ft_iterations": 4, "ft_eval_every": 1, "ft_final_evals": 3, "probe_iterations": 2})
+    trained = [os.path.join(r, f) for r, _, files in os.walk(os.path.join(elsewhere, "compare")) for f in files if f.endswith(".pt")]
+    assert trained == []  # every fine-tuning run was reused, the pre-trained ones too (same encoder weights)
+    assert "\n".join(logs).count("reused the finished run recorded in") == 4
+    assert again["reused_runs"] == 4 and "4 of the 4 fine-tuning runs were recorded by an earlier invocation" in again["report"]
+    assert [r["final"] for r in again["finetune_runs"]] == [r["final"] for r in res["finetune_runs"]]
+    assert [r["final"] for r in again["probe_runs"]] == [r["final"] for r in res["probe_runs"]]

@@ -9,6 +9,8 @@ one datalist per size (``json_template``), or from the embedded cohort.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -19,8 +21,8 @@ from ..engine import Result
 from ..io import jsonable, write_json, write_text
 from ..parallel import auto_workers, run_jobs
 from . import report
-from .inputs import comparison_datalists
-from .loop import finetune
+from .inputs import comparison_datalists, resolve_ft_data
+from .loop import _RUN_IGNORE, LAST_NAME, _fingerprint, finetune
 from .report import ARM_LABELS, ARMS
 
 
@@ -77,20 +79,106 @@ def run_summary(res, size: int, seed: int, arm: str, seconds: float) -> dict[str
     }
 
 
+# A finished run without its weights: enough for a comparison to reuse it on another machine.
+RECORD_NAME = "run_record.json"
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def finished_run_record(logdir: str, summary: dict[str, Any], class_names: Sequence[str], datalist: str) -> dict[str, Any] | None:
+    """The record of the finished run in ``logdir`` (``RECORD_NAME``'s content): its settings (from
+    ``last_model.pt``), the digests of the datalist it trained on and of the pre-trained encoder's
+    weights it started from, its classes and its ``run_summary``. None when the run has not
+    finished or its pre-trained file is no longer the one it started from."""
+    from ..checkpoint import load_checkpoint, weights_digest
+
+    ckpt = load_checkpoint(os.path.join(logdir, LAST_NAME))
+    cfg = dict(ckpt.get("config") or {})
+    if not cfg or int(ckpt.get("iteration", 0)) < int(cfg["ft_iterations"]):
+        return None
+    digest = None
+    if ckpt.get("use_pretrained"):
+        path = ckpt.get("pretrained_path")
+        if not path or ckpt.get("pretrained_fingerprint") != _fingerprint(path):
+            return None  # which encoder it started from can no longer be told
+        digest = weights_digest(path)
+    return {"config": cfg, "n_train": int(ckpt["n_train"]), "use_pretrained": bool(ckpt.get("use_pretrained")),
+            "pretrained_digest": digest, "datalist_digest": _file_digest(datalist), "iteration": int(ckpt["iteration"]),
+            "class_names": list(class_names), "summary": {k: v for k, v in summary.items() if k != "logdir"}}
+
+
+def _recorded_run(logdir: str, cfg: Any, size: int, seed: int, arm: str, datalist: str,
+                  pretrained_path: str | None) -> tuple[tuple[dict[str, Any], list[str]] | None, str | None]:
+    """``((summary, classes), note)`` when ``logdir`` holds the record of exactly this run (same
+    settings, datalist and pre-trained weights) and no checkpoint, else ``(None, why not or None)``."""
+    from ..checkpoint import weights_digest
+    from ..config import config_differences
+
+    path = os.path.join(logdir, RECORD_NAME)
+    if not os.path.isfile(path) or os.path.exists(os.path.join(logdir, LAST_NAME)):
+        return None, None
+    with open(path) as f:
+        rec = json.load(f)
+    diffs = config_differences(rec["config"], cfg, [k for k in cfg if k not in _RUN_IGNORE + ("out_channels",)])
+    summary = rec["summary"]
+    if (summary["size"], summary["seed"], summary["arm"]) != (int(size), int(seed), arm):
+        diffs.append(f"run: recorded {summary['size']} volumes, seed {summary['seed']}, {summary['arm']}")
+    if rec["datalist_digest"] != _file_digest(datalist):
+        diffs.append(f"the datalist {datalist} is not the one the run trained on")
+    if arm == "pretrained" and rec["pretrained_digest"] != weights_digest(str(pretrained_path)):
+        diffs.append(f"the weights of {pretrained_path} are not those the run started from")
+    if not os.path.isfile(os.path.join(logdir, "history.json")):
+        diffs.append("its history.json is missing")
+    if diffs:
+        return None, f"the record {path} is not reused ({'; '.join(diffs)}): the run starts again"
+    return ((dict(summary, logdir=logdir, reused_record=True), list(rec["class_names"])),
+            f"reused the finished run recorded in {path}")
+
+
 def _compare_run(cfg: dict[str, Any], size: int, seed: int, arm: str, data_root: str | None, json_path: str | None,
                  logdir: str, pretrained_path: str | None, resume: bool, device: str | None, progress: bool,
                  cohort_root: str) -> tuple[dict[str, Any], list[str], list[str]]:
     """One run of a comparison (picklable, so it can run in a worker process): its ``run_summary``,
-    the classes, and the run's messages about resuming or starting afresh."""
+    the classes, and the run's messages about resuming, reusing or starting afresh.
+
+    A finished run leaves ``RECORD_NAME`` in its folder; with ``resume``, a folder that holds such
+    a record of exactly this run and no checkpoint (copied from another machine, e.g. with
+    ``python -m ssl_utils.study --save_state``) is reused without training."""
     notes: list[str] = []
+    run_cfg = get_config(cfg).replace(seed=seed)
+    datalist = resolve_ft_data(run_cfg, data_root, json_path, cohort_root, size)[1]
+    if resume:
+        reused, note = _recorded_run(logdir, run_cfg, size, seed, arm, datalist, pretrained_path)
+        if reused is not None:
+            return reused[0], reused[1], [str(note)]
+        notes += [note] if note else []
     t0 = time.perf_counter()
     res = finetune(
-        get_config(cfg).replace(seed=seed), data_root=data_root, json_path=json_path, logdir=logdir,
+        run_cfg, data_root=data_root, json_path=json_path, logdir=logdir,
         pretrained_path=pretrained_path, use_pretrained=arm == "pretrained", resume="auto" if resume else False,
         device=device, progress=progress, cohort_root=cohort_root, n_train=size,
         log=lambda msg: notes.append(msg) if ("resumed" in msg or "new run" in msg) else None,
     )
-    return run_summary(res, size, seed, arm, time.perf_counter() - t0), list(res.class_names), notes
+    summary = run_summary(res, size, seed, arm, time.perf_counter() - t0)
+    record = finished_run_record(logdir, summary, res.class_names, datalist)
+    if record is not None and not _same_record(os.path.join(logdir, RECORD_NAME), record):
+        write_json(os.path.join(logdir, RECORD_NAME), record)
+    return summary, list(res.class_names), notes
+
+
+def _same_record(path: str, record: dict[str, Any]) -> bool:
+    """Whether ``path`` already records this run (a finished run reused from its checkpoint keeps
+    the record, and the time, of the call that trained it)."""
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return False
+    untimed = lambda r: {**r, "summary": {**r["summary"], "time_s": None}}  # noqa: E731
+    return untimed(old) == untimed(json.loads(json.dumps(jsonable(record))))
 
 
 def _arms(pretrained_path: str | None, log: Callable[[str], None]) -> list[str]:
