@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 	$(PY) -m ssl_utils.demo --out runs/demo
 
 experiment: $(VENV)/.installed
-	$(PY) -m ssl_utils.study --out runs/study --preset demo --seeds 5
+	$(PY) -m ssl_utils.study --out runs/study --preset demo --seeds 5 $(STUDY_ARGS)
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/run.py --out runs/benchmark
