@@ -516,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None,
                         help="runs side by side in separate processes (default: 2 on a CPU-only machine, 1 with a GPU)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    parser.add_argument("--cohort_root", default=None,
+                        help="folder of the embedded cohort (default: data/synthetic of this repository)")
     parser.add_argument("--save_state", metavar="DIR", default=None,
                         help="copy what the study in --out has finished (records, no weights) to DIR, then exit")
     parser.add_argument("--from_state", metavar="DIR", default=None,
@@ -523,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.save_state:
         sys.path.insert(0, REPO)
-        save_state(args.out, args.save_state)
+        save_state(args.out, args.save_state, cohort_root=args.cohort_root)
         return 0
     overrides: dict[str, Any] = dict(STUDY_OVERRIDES) if args.preset == "demo" else {}
     for item in args.set:
@@ -535,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             overrides[key] = value
     sys.path.insert(0, REPO)
-    run_study(args.out, args.preset, args.seeds, args.ssl_epochs, args.train_sizes, overrides=overrides,
+    run_study(args.out, args.preset, args.seeds, args.ssl_epochs, args.train_sizes, cohort_root=args.cohort_root,
+              overrides=overrides,
               progress=not args.no_progress, workers=args.workers, from_state=args.from_state)
     return 0
 
