@@ -60,7 +60,9 @@ def test_parameters_cell_is_tagged_and_complete():
 def test_notebook_with_a_pretrained_checkpoint(tmp_path, smoke_cohort):
     torch.manual_seed(0)
     ckpt = str(tmp_path / "ssl" / "best_model.pt")
-    save_checkpoint({"state_dict": build_vitautoenc(get_config("smoke")).state_dict(), "optimizer": {}, "epoch": 1}, ckpt)
+    cfg = get_config("smoke")
+    save_checkpoint({"state_dict": build_vitautoenc(cfg).state_dict(), "optimizer": {}, "epoch": 1,
+                     "config": cfg.to_dict()}, ckpt)
     logdir = str(tmp_path / "ft")
     nb = run_notebook(
         tmp_path,
@@ -83,7 +85,19 @@ def test_notebook_with_a_pretrained_checkpoint(tmp_path, smoke_cohort):
     for name in ("results_table.md", "dice_bars.png", "dice_curves.png", "n1/seed0/pretrained/curves.png",
                  "n1/seed0/pretrained/validation_slice.png", "n1/seed0/pretrained/best_model.pt"):
         assert os.path.getsize(os.path.join(compare, name)) > 0, name
-    assert count_images(nb) >= 5  # crops, curves, validation slice, bars, comparison curves
+    assert count_images(nb) >= 6  # crops, curves, validation slice, bars, comparison curves, bundle's output
+    # the last section: both bundles exported, the segmenter run by `python -m monai.bundle run`
+    bundles = os.path.join(logdir, "bundles")
+    for kind, folder in (("encoder", "ssl_vit_encoder"), ("segmenter", "unetr_seg")):
+        assert f"{kind} bundle {os.path.join(bundles, folder)}" in text
+        assert os.path.isfile(os.path.join(bundles, folder, "configs", "metadata.json"))
+    assert "same shape and affine as the input: True" in text
+    with open(os.path.join(bundles, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["volumes"] == len(os.listdir(os.path.join(bundles, "pred"))) >= 1
+    assert f"segmented {summary['volumes']} volume(s)" in text
+    assert all(c["same_shape_and_affine"] and 0 <= c["mean_dice"] <= 1 for c in summary["cases"].values())
+    assert os.path.getsize(os.path.join(bundles, "bundle_segmentation.png")) > 0
 
 
 @pytest.mark.slow
@@ -101,6 +115,8 @@ def test_notebook_without_a_checkpoint_runs_random_init_only(tmp_path, smoke_coh
     )
     text = outputs(nb)
     assert "RANDOM INITIALISATION ONLY" in text
+    assert "segmenter bundle" in text and "encoder bundle" not in text  # no encoder to share
+    assert "same shape and affine as the input: True" in text
     table = open(os.path.join(logdir, "compare", "results_table.md")).read()
     row = next(line for line in table.splitlines() if line.startswith("| 1 |"))
     assert row.count("n/a") == 2  # pre-trained Dice and relative improvement
@@ -128,6 +144,8 @@ def test_notebook_on_a_user_datalist_with_its_own_classes(tmp_path, lesion_datas
     assert "2 classes: 0 background, 1 lesion" in text
     assert "mean (1 class)" in text and "| lesion |" in text
     assert "spleen" not in text and "13 organs" not in text
+    # the bundle of this run: its own class
+    assert "CT segmentation of 1 class(es): lesion" in text and "same shape and affine as the input: True" in text
     compare = os.path.join(logdir, "compare")
     with open(os.path.join(compare, "results.json")) as f:
         runs = json.load(f)["runs"]
