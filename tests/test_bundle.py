@@ -7,10 +7,8 @@ refused with a message that names the file and the problem."""
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -20,7 +18,8 @@ import pytest
 import torch
 
 from ssl_utils import build_unetr, get_config, load_pretrained_vit
-from ssl_utils.bundle import BUNDLE_FILES, export_bundle, main
+from ssl_utils.bundle import (BUNDLE_FILES, compare_label_map, export_bundle, folder_mib, label_map_path, main,
+                              run_segmenter)
 from ssl_utils.checkpoint import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,31 +29,11 @@ REQUIRED_META = ("version", "changelog", "monai_version", "pytorch_version", "nu
 IMAGE_INPUT = ("type", "format", "num_channels", "spatial_shape", "dtype", "value_range", "is_patch_data",
                "channel_def")
 
-# `python -m monai.bundle` dispatches with the `fire` package, which this project does not install.
-# Without it, the same monai.bundle function is called with the same arguments (strings, as fire
-# passes paths).
-_NO_FIRE = """
-import sys
-import monai.bundle
-command, rest, positional, options = sys.argv[1], sys.argv[2:], [], {}
-while rest:
-    arg = rest.pop(0)
-    if arg.startswith("--"):
-        options[arg[2:]] = rest.pop(0)
-    else:
-        positional.append(arg)
-getattr(monai.bundle, command)(*positional, **options)
-"""
-
-
 def monai_bundle(*args: str, cwd: str) -> subprocess.CompletedProcess:
     """``python -m monai.bundle ARGS`` in a subprocess (one thread), from ``cwd``."""
-    if importlib.util.find_spec("fire") is not None:
-        cmd = [sys.executable, "-m", "monai.bundle", *args]
-    else:
-        cmd = [sys.executable, "-c", _NO_FIRE, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -169,23 +148,41 @@ def test_verify_net_in_out_passes(bundles, kind, tmp_path):
     assert "verified with no error" in done.stdout + done.stderr
 
 
-def test_bundle_run_writes_one_label_map_per_input_in_its_geometry(bundles, volumes, tmp_path):
+def test_bundle_run_writes_one_label_map_per_input_in_its_geometry(bundles, volumes, tmp_path, monkeypatch):
     out = tmp_path / "labels"
-    config = os.path.join(bundles["segmenter"], "configs", "inference.json")
-    done = monai_bundle("run", "--config_file", config, "--dataset_dir", volumes, "--output_dir", str(out),
-                        cwd=str(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PYTHONPATH", ROOT)
+    done = run_segmenter(bundles["segmenter"], volumes, out, timeout=300)
     assert sorted(os.listdir(out)) == ["first_seg.nii.gz", "second_seg.nii.gz"]
     # one line per volume with its time, then the summary
-    wrote = re.findall(r"^wrote (\S+) in (\d+\.\d+) s$", done.stdout, flags=re.M)
-    assert sorted(os.path.basename(p) for p, _ in wrote) == ["first_seg.nii.gz", "second_seg.nii.gz"], done.stdout
-    assert f"segmented 2 volume(s) of {volumes} into {out}" in done.stdout
+    assert sorted(os.path.basename(p) for p, _ in done["volumes"]) == ["first_seg.nii.gz", "second_seg.nii.gz"], \
+        done["stdout"]
+    assert f"segmented 2 volume(s) of {volumes} into {out}" in done["stdout"]
     for name, ext in (("first", ".nii.gz"), ("second", ".nii")):
         image, labels = nib.load(os.path.join(volumes, name + ext)), nib.load(str(out / f"{name}_seg.nii.gz"))
+        assert label_map_path(out, os.path.join(volumes, name + ext)) == str(out / f"{name}_seg.nii.gz")
         assert labels.shape == image.shape, name
         assert np.allclose(labels.affine, image.affine, atol=1e-4), name
         values = np.asanyarray(labels.dataobj)
         assert np.issubdtype(values.dtype, np.integer) and values.min() >= 0 and values.max() <= 13
+    # the comparison of a label map with a ground truth: a map against itself scores 1 where it labels
+    # anything, and a ground truth with one class more lowers the Dice
+    image, pred = os.path.join(volumes, "second.nii"), str(out / "second_seg.nii.gz")
+    case, item = compare_label_map(image, pred, pred, 14, -175, 250)
+    # (this volume's axes are swapped: RAS order)
+    assert sorted(case["shape"]) == sorted(nib.load(image).shape) and case["same_shape_and_affine"]
+    assert item["image"].min() >= 0 and item["image"].max() <= 1
+    assert case["mean_dice"] == 1.0 or (np.isnan(case["mean_dice"]) and int(item["pred"].max()) == 0)
+    other = nib.load(pred)
+    changed = np.asanyarray(other.dataobj).copy()
+    changed[: changed.shape[0] // 2] = 13
+    nib.save(nib.Nifti1Image(changed, other.affine), str(tmp_path / "truth.nii.gz"))
+    assert compare_label_map(image, str(tmp_path / "truth.nii.gz"), pred, 14, -175, 250)[0]["mean_dice"] < 1
+    assert folder_mib(bundles["segmenter"]) > os.path.getsize(os.path.join(bundles["segmenter"], "models",
+                                                                           "model.pt")) / 2**20
+    with pytest.raises(RuntimeError, match=r"monai\.bundle run of .*inference\.json failed"):
+        run_segmenter(bundles["segmenter"], tmp_path / "empty", out, timeout=300)
 
 
 def test_label_maps_lie_on_the_input_voxels(bundles, volumes, tmp_path, one_thread):
