@@ -3,6 +3,8 @@ Self-supervised pre-training of the 3D ViT autoencoder (MONAI ViTAutoEnc) on one
 (DistributedDataParallel under torchrun). The recipe itself (transforms, model, the loss r + c * r,
 validation, checkpoints, resume) is ``ssl_utils.pretrain.pretrain``, the same function the
 notebook calls; this script starts the processes, passes the flags through and logs.
+``--pretext mae`` pre-trains a masked autoencoder (MONAI MaskedAutoEncoderViT) instead, through the
+same loop; its encoder loads into UNETR the same way.
 
 One process (one GPU, or the CPU):
 
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=int, default=None, help="volumes per GPU per step, 2 crops each (paper: 4)")
     g.add_argument("--base_lr", type=float, default=None, help="Adam learning rate, used as given (paper: 1e-4; see the linear scaling note above)")
     g.add_argument("--warmup_epochs", type=int, default=None, help="epochs of linear learning-rate warm-up (paper: 0; useful with a scaled --base_lr)")
+    g.add_argument("--pretext", default=None, choices=["views", "mae"], help="views: the reference's two corrupted views (ViTAutoEnc, L1 + contrastive); mae: masked autoencoder (MaskedAutoEncoderViT, loss on the masked patches) (default: the preset's, views)")
+    g.add_argument("--mask_ratio", type=float, default=None, help="with --pretext mae: fraction of the patches masked (default: the preset's, 0.75)")
     g.add_argument("--temperature", type=float, default=None, help="contrastive temperature (paper: 0.05)")
     g.add_argument("--global_negatives", action="store_true", help="contrastive negatives from every GPU's views (differentiable all-gather)")
     g.add_argument("--val_every", type=int, default=None, help="validate every this many epochs (paper: 2)")
@@ -240,6 +244,8 @@ def make_config(args: argparse.Namespace):
         ssl_lr=args.base_lr,
         warmup_epochs=args.warmup_epochs,
         temperature=args.temperature,
+        pretext=args.pretext,
+        mae_mask_ratio=args.mask_ratio,
         ssl_val_every=args.val_every,
         seed=args.seed,
         deterministic=True if args.deterministic else None,

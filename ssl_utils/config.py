@@ -120,6 +120,21 @@ class PretrainConfig(_Group):
     # which checkpoint is best_model.pt: "val_recon" (lowest validation L1, the reference) or
     # "probe" (highest probe Dice; needs probe_every > 0)
     select_by: str = "val_recon"
+    # the pretext task: "views" (the reference: two corrupted views of a crop, ViTAutoEnc, L1 + contrastive,
+    # r + c * r) or "mae" (masked autoencoder: MONAI's MaskedAutoEncoderViT sees a random subset of the crop's
+    # patches and reconstructs the others; the loss is on the masked patches only). Both pre-train the same
+    # encoder shape (UNETR's ViT), so either transfers.
+    pretext: str = "views"
+    mae_mask_ratio: float = 0.75  # fraction of the patches hidden from the encoder
+    mae_decoder_hidden: int = 384  # the MAE decoder (discarded after pre-training)
+    mae_decoder_mlp: int = 1536
+    mae_decoder_layers: int = 4
+    mae_decoder_heads: int = 12
+    # the MAE's reconstruction target: each masked patch normalised to zero mean and unit variance (He et al. 2022:
+    # better representations; the network must predict the patch's structure, not its brightness) or the raw
+    # windowed intensities
+    mae_norm_target: bool = True
+    mae_loss: str = "mse"  # "mse" (He et al.) or "l1" on the masked patches
 
 
 @dataclass(frozen=True)
@@ -170,6 +185,9 @@ class CohortConfig(_Group):
     # labeled subjects of the tuning split (between training and validation; 0 = none): every fine-tuning
     # choice is made on it, the validation split only reports
     synth_labeled_tune: int = 0
+    # labeled subjects of the positive-control split (after validation; 0 = none): a UNETR trained with labels on them
+    # gives the study's `control` encoder, so they are disjoint from training, tuning and validation
+    synth_labeled_control: int = 0
     synth_train_sizes: tuple[int, ...] = (6, 12, 24)
     synth_shape: tuple[int, int] = (512, 512)  # in-plane voxels
     synth_spacing: Triple = (0.75, 0.75, 2.5)  # mm (in-plane nominal, slice)
@@ -197,13 +215,15 @@ _POSITIVE = {
     "roi", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads", "deconv_chns", "out_channels",
     "feature_size", "ssl_num_samples", "ssl_batch_size", "ssl_lr", "temperature", "ssl_epochs", "ssl_val_every",
     "ft_num_samples", "ft_batch_size", "ft_lr", "ft_iterations", "ft_eval_every", "sw_batch_size", "probe_lr",
-    "probe_iterations", "encoder_lr_mult", "ft_final_evals", "probe_fit_volumes", "probe_score_volumes", "probe_monitor_iterations", "synth_shape", "synth_spacing", "ssl_spacing", "ft_spacing",
+    "probe_iterations", "encoder_lr_mult", "ft_final_evals", "probe_fit_volumes", "probe_score_volumes", "probe_monitor_iterations",
+    "mae_decoder_hidden", "mae_decoder_mlp", "mae_decoder_layers", "mae_decoder_heads", "synth_shape", "synth_spacing", "ssl_spacing", "ft_spacing",
     "inpaint_size", "outpaint_size", "shuffle_size", "synth_train_sizes",
 }
 _NON_NEGATIVE = {
     "dropout_rate", "num_workers", "ssl_weight_decay", "warmup_epochs", "grad_clip", "ft_weight_decay",
     "freeze_encoder_iters", "inpaint_holes", "outpaint_holes", "shuffle_holes", "ft_pos", "ft_neg",
     "synth_unlabeled", "synth_unlabeled_val", "synth_labeled_train", "synth_labeled_val", "synth_labeled_tune", "seed", "val_seed",
+    "synth_labeled_control",
     "synth_seed", "probe_every",
 }
 _FRACTIONS = {"dropout_rate", "cache_rate", "shuffle_prob", "ft_flip_prob", "ft_rot_prob", "ft_shift_prob"}
@@ -216,6 +236,8 @@ _CHOICES: dict[str, tuple] = {
     "select_by": ("val_recon", "probe"),
     "ft_crop": ("posneg", "classes"),
     "ft_eval_split": ("validation", "tuning"),
+    "pretext": ("views", "mae"),
+    "mae_loss": ("mse", "l1"),
 }
 
 
@@ -292,6 +314,15 @@ class Config(Mapping):
             lo, hi = getattr(p, name)
             if lo > hi:
                 raise ConfigError(f"setting {name!r} = {(lo, hi)!r}: the minimum is larger than the maximum")
+        if not 0.0 < p.mae_mask_ratio < 1.0:
+            raise ConfigError(f"setting 'mae_mask_ratio' = {p.mae_mask_ratio!r} must lie strictly between 0 and 1")
+        if p.mae_decoder_hidden % p.mae_decoder_heads:
+            raise ConfigError(f"mae_decoder_hidden={p.mae_decoder_hidden} must be divisible by "
+                              f"mae_decoder_heads={p.mae_decoder_heads}")
+        if p.pretext == "mae" and (m.hidden_size % 6 or p.mae_decoder_hidden % 6):
+            raise ConfigError(
+                f"pretext='mae' uses fixed 3D sin-cos position embeddings, which need hidden_size "
+                f"({m.hidden_size}) and mae_decoder_hidden ({p.mae_decoder_hidden}) to be multiples of 6")
         if p.select_by == "probe" and p.probe_every == 0:
             raise ConfigError("select_by='probe' needs the probe monitor: set probe_every to a number of epochs (> 0)")
         if p.ssl_a_min >= p.ssl_a_max or self.finetune.ft_a_min >= self.finetune.ft_a_max:
@@ -407,15 +438,26 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "synth_labeled_train": 8,
         "synth_labeled_tune": 4,
         "synth_labeled_val": 10,
-        "synth_train_sizes": (2, 8),
+        "synth_labeled_control": 8,  # the study's positive control (a UNETR trained with labels on 8 other volumes)
+        # the masked autoencoder's decoder (pretext="mae"): as wide as the encoder's tokens, 2 blocks (He et al.: a light
+        # decoder); the mask ratio and the rest of its recipe: results/pretext_sweep/sweep.md
+        "mae_decoder_hidden": 96,
+        "mae_decoder_mlp": 192,
+        "mae_decoder_layers": 2,
+        "mae_decoder_heads": 4,
+        "synth_train_sizes": (1, 2, 8),
         "synth_shape": (128, 128),
         "synth_spacing": (3.0, 3.0, 5.0),
     },
     # CPU seconds, for tests.
     "smoke": {
         "roi": 32,
-        "hidden_size": 32,
+        "hidden_size": 48,  # a multiple of 6 too: the MAE's 3D sin-cos position embedding needs it
         "mlp_dim": 64,
+        "mae_decoder_hidden": 24,
+        "mae_decoder_mlp": 48,
+        "mae_decoder_layers": 1,
+        "mae_decoder_heads": 2,
         "num_heads": 2,
         "ssl_spacing": (6.0, 6.0, 6.0),
         "inpaint_holes": 3,
@@ -443,6 +485,7 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "synth_labeled_train": 3,
         "synth_labeled_tune": 1,
         "synth_labeled_val": 2,
+        "synth_labeled_control": 2,
         "synth_train_sizes": (1, 3),
         "synth_shape": (64, 64),
         "synth_spacing": (6.0, 6.0, 8.0),
@@ -472,9 +515,13 @@ def get_config(preset: str | Mapping[str, Any] = "demo", **overrides: Any) -> Co
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], keys) -> list[str]:
-    """Human-readable list of the settings in ``keys`` that differ between two configs."""
+    """Human-readable list of the settings in ``keys`` that differ between two configs. A setting the
+    saved config does not name is not compared: the checkpoint or record predates it (a new setting's
+    default keeps the behaviour from before it existed)."""
     out = []
     for k in keys:
+        if k not in saved:
+            continue
         a, b = saved.get(k), current.get(k)
         if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
             a = list(a) if a is not None else a

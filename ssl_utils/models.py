@@ -134,6 +134,27 @@ def _extract_state_dict(obj: Any, path: str) -> tuple[dict[str, torch.Tensor], i
     return strip_prefixes(sd), (int(epoch) if isinstance(epoch, (int, float)) else None)
 
 
+def encoder_state(state: Mapping[str, torch.Tensor], target: Mapping[str, Any] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A pre-trained network's state dict in UNETR's ViT key names, and the keys that are not part of
+    the encoder (the caller reports them).
+
+    - ``MaskedAutoEncoderViT`` (``pretext="mae"``): ``ssl_utils.mae.mae_encoder_state`` (its final
+      LayerNorm ``blocks.L`` becomes ``norm``; the class and mask tokens and the decoder are dropped);
+    - a UNETR (e.g. a fine-tuned model, the positive control): its ``vit.*`` tensors, prefix removed;
+    - ``ViTAutoEnc`` or a bare encoder: as it is (the decoder ``conv3d_transpose*`` is not in UNETR's
+      ViT; ``load_pretrained_vit`` reports it as unexpected).
+    ``target``: the ViT's state dict, to tell a UNETR checkpoint from an encoder one."""
+    from .mae import is_mae_state, mae_encoder_state
+
+    if is_mae_state(state):
+        return mae_encoder_state(state)
+    if any(k.startswith("vit.") for k in state) and (target is None or not any(k in target for k in state)):
+        return ({k[4:]: v for k, v in state.items() if k.startswith("vit.")},
+                [k for k in state if not k.startswith("vit.")])
+    return dict(state), []
+
+
 def load_pretrained_vit(
     unetr: nn.Module,
     checkpoint_path: str | os.PathLike,
@@ -141,10 +162,11 @@ def load_pretrained_vit(
 ) -> TransferReport:
     """Copy a pre-trained ViT encoder into ``unetr.vit`` and report what was loaded.
 
-    Accepts this project's checkpoints, the reference's ``{"state_dict": ...}``, a bare state
-    dict and a UNETR checkpoint (its ``vit.`` tensors); ``module.`` / ``_orig_mod.`` prefixes are
-    stripped. Decoder tensors
-    (``conv3d_transpose*``) are reported as unexpected and skipped.
+    Accepts this project's checkpoints of either pretext (``ViTAutoEnc``; ``MaskedAutoEncoderViT``,
+    whose final LayerNorm ``blocks.L`` is UNETR's ``norm``), the reference's ``{"state_dict": ...}``,
+    a bare state dict and a UNETR checkpoint (its ``vit.`` tensors); ``module.`` / ``_orig_mod.``
+    prefixes are stripped (``encoder_state``). What is not encoder (the decoders, the MAE's class and
+    mask tokens, a UNETR's convolutional parts) is reported as unexpected and skipped.
 
     Raises ``WeightTransferError`` when no encoder tensor matches, when shapes differ (naming the
     first keys with both shapes), or, with ``strict=True``, when part of the encoder is missing.
@@ -158,10 +180,8 @@ def load_pretrained_vit(
     vit = unwrap_model(unetr)
     vit = getattr(vit, "vit", vit)
     target = vit.state_dict()
-    if not any(k in target for k in state) and any(k.startswith("vit.") for k in state):
-        # a UNETR checkpoint (e.g. a fine-tuned model): its encoder lives under "vit."
-        state = {(k[4:] if k.startswith("vit.") else k): v for k, v in state.items()}
-    report = TransferReport(checkpoint=path, epoch=epoch)
+    state, dropped = encoder_state(state, target)
+    report = TransferReport(checkpoint=path, epoch=epoch, unexpected=dropped)
     to_load = {}
     for key, value in state.items():
         if key not in target:
@@ -190,3 +210,22 @@ def load_pretrained_vit(
         )
     vit.load_state_dict(to_load, strict=False)
     return report
+
+
+def export_encoder(checkpoint_path: str | os.PathLike, dest: str | os.PathLike, **extra: Any) -> str:
+    """Write the ViT encoder of a checkpoint (``ViTAutoEnc`` or ``MaskedAutoEncoderViT`` pre-training, or a
+    UNETR) to ``dest`` in UNETR's own key names: ``{"state_dict", "config", "epoch", "source", **extra}``,
+    atomically. ``load_pretrained_vit`` loads it with nothing dropped; it is a few MB where the training
+    checkpoint also holds a decoder and the optimiser's state. Returns ``dest``."""
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    path = os.fspath(checkpoint_path)
+    obj = load_checkpoint(path)
+    state, epoch = _extract_state_dict(obj, path)
+    encoder, _ = encoder_state(state)
+    encoder = {k: v for k, v in encoder.items() if not k.startswith("conv3d_transpose")}
+    if any(k.startswith("vit.") for k in state):
+        epoch = None  # a UNETR's epoch counts fine-tuning, not pre-training
+    config = dict(obj.get("config") or {}) if isinstance(obj, Mapping) else {}
+    save_checkpoint({"state_dict": encoder, "config": config, "epoch": epoch, "source": path, **extra}, dest)
+    return os.fspath(dest)

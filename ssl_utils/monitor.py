@@ -106,10 +106,10 @@ class ProbeMonitor:
                 f"{self.cfg['probe_monitor_iterations']} iterations)")
 
     def _copy_encoder(self, model: nn.Module) -> None:
-        from .models import unwrap_model
+        from .models import encoder_state, unwrap_model
 
-        source = unwrap_model(model).state_dict()
         target = self.vit.state_dict()
+        source = encoder_state(unwrap_model(model).state_dict(), target)[0]  # ViTAutoEnc or MAE, in UNETR's names
         missing = [k for k in target if k not in source]
         if missing:
             raise KeyError(f"the probe monitor cannot copy the encoder: the model has no {missing[:3]}")

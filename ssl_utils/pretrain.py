@@ -32,7 +32,8 @@ from .models import build_vitautoenc
 from .runtime import Precision, lr_lambda, optimizer_kwargs
 from .speedups import apply_speedups
 
-__all__ = ["pretrain", "PretrainResult", "ssl_forward", "ssl_precision", "evaluate_ssl", "reconstruction_baselines", "TrainingDiverged", "resolve_ssl_data"]
+__all__ = ["pretrain", "PretrainResult", "ssl_forward", "build_pretext_model", "pretext_forward", "evaluate_pretext",
+           "reference_baseline", "ssl_precision", "evaluate_ssl", "reconstruction_baselines", "TrainingDiverged", "resolve_ssl_data"]
 
 BEST_NAME = "best_model.pt"
 LAST_NAME = "last_model.pt"
@@ -146,9 +147,12 @@ def evaluate_ssl(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Pr
 
 def check_resumable(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: str) -> None:
     """Raise ``CheckpointError`` naming the settings that differ when a checkpoint comes from
-    another model configuration."""
-    saved = ckpt.get("config") or {}
-    diffs = config_differences(saved, cfg, ARCH_KEYS) if saved else []
+    another model configuration (or the other pretext)."""
+    saved = dict(ckpt.get("config") or {})
+    if saved:
+        saved.setdefault("pretext", "views")  # checkpoints from before the setting existed
+    keys = ARCH_KEYS + ("pretext",) + (MAE_ARCH_KEYS if cfg["pretext"] == "mae" else ())
+    diffs = config_differences(saved, cfg, keys) if saved else []
     if diffs:
         raise CheckpointError(f"cannot resume from {path}: it was trained with other settings: " + "; ".join(diffs))
 
@@ -249,10 +253,52 @@ def pretrain_optimizer(model: nn.Module, cfg: Mapping[str, Any], device: torch.d
                             **optimizer_kwargs(device))
 
 
+# the MAE's decoder settings: a checkpoint resumes only with the same ones
+MAE_ARCH_KEYS = ("mae_decoder_hidden", "mae_decoder_mlp", "mae_decoder_layers", "mae_decoder_heads")
+
+
+def build_pretext_model(cfg: Mapping[str, Any]) -> nn.Module:
+    """The network ``cfg["pretext"]`` trains: ``ViTAutoEnc`` ("views") or ``MaskedAutoEncoderViT``
+    ("mae", ``ssl_utils.mae.build_mae``); MONAI's plain model, before ``apply_speedups``."""
+    if cfg["pretext"] == "mae":
+        from .mae import build_mae
+
+        return build_mae(cfg)
+    return build_vitautoenc(cfg)
+
+
+def pretext_forward(cfg: Mapping[str, Any]) -> Callable[..., tuple]:
+    """``ssl_forward`` (two views) or ``ssl_utils.mae.mae_forward``; both take ``(model, batch, cfg,
+    precision, gather)`` and return ``(total, reconstruction term, contrastive term, ...)``."""
+    if cfg["pretext"] == "mae":
+        from .mae import mae_forward
+
+        return mae_forward
+    return ssl_forward
+
+
+def evaluate_pretext(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Precision) -> dict[str, float]:
+    """``evaluate_ssl`` or ``ssl_utils.mae.evaluate_mae``: the validation row of either pretext."""
+    if cfg["pretext"] == "mae":
+        from .mae import evaluate_mae
+
+        return evaluate_mae(model, loader, cfg, precision)
+    return evaluate_ssl(model, loader, cfg, precision)
+
+
+def reference_baseline(row: Mapping[str, Any]) -> tuple[str, float] | None:
+    """The baseline a validation row's ``val_recon`` is read against: the L1 of predicting each crop's
+    mean (two views), or the masked-patch loss of predicting each masked patch's own mean (MAE)."""
+    for key in ("val_const_l1", "val_patch_mean"):
+        if row.get(key):
+            return key, float(row[key])
+    return None
+
+
 def _build_state(cfg: Config, precision: Precision, steps_per_epoch: int) -> RunState:
-    """ViTAutoEnc (initialised from the seed), Adam, the warm-up / cosine schedule."""
+    """The pretext's network (initialised from the seed), Adam, the warm-up / cosine schedule."""
     torch.manual_seed(cfg["seed"])
-    model = apply_speedups(build_vitautoenc(cfg), cfg, precision.device)
+    model = apply_speedups(build_pretext_model(cfg), cfg, precision.device)
     optimizer = pretrain_optimizer(model, cfg, precision.device)
     schedule = lr_lambda(cfg["warmup_epochs"] * steps_per_epoch, cfg["ssl_epochs"] * steps_per_epoch, cfg["cosine"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -273,10 +319,11 @@ def train_epoch(state: RunState, train_model: nn.Module, data: _Data, epoch: int
     state.model.train()
     t0, n_crops, steps = time.perf_counter(), 0, len(data.train_loader)
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
+    forward = pretext_forward(cfg)
     check_every = 1 if dev.type == "cpu" else 10  # a check reads the value on the host: a sync on GPU
     bar = tqdm(data.train_loader, desc=f"epoch {epoch}/{cfg['ssl_epochs']}", leave=False, disable=not progress)
     for step, batch in enumerate(bar, start=1):
-        values = train_step(state, lambda: ssl_forward(train_model, batch, cfg, state.precision, gather)[:3])
+        values = train_step(state, lambda: forward(train_model, batch, cfg, state.precision, gather)[:3])
         sums += values
         n_crops += batch["image"].shape[0]
         if step % check_every == 0 or step == steps:
@@ -293,7 +340,9 @@ def train_epoch(state: RunState, train_model: nn.Module, data: _Data, epoch: int
     }
 
 
-def _epoch_message(row: Mapping[str, Any], total: int, is_best: bool) -> str:
+def _epoch_message(row: Mapping[str, Any], total: int, is_best: bool, pretext: str = "views") -> str:
+    if pretext == "mae":
+        return _mae_message(row, total, is_best)
     msg = (
         f"epoch {row['epoch']}/{total} loss {row['train_total']:.4f} (recon {row['train_recon']:.4f}, "
         f"contrastive {row['train_contrastive']:.4f}) {row['crop_pairs_per_s']:.1f} crop pairs/s"
@@ -303,6 +352,16 @@ def _epoch_message(row: Mapping[str, Any], total: int, is_best: bool) -> str:
             f" | val L1 {row['val_recon']:.4f} / {row['val_recon_2']:.4f} (constant {row['val_const_l1']:.4f}, "
             f"copy {row['val_copy_l1_1']:.4f} / {row['val_copy_l1_2']:.4f}) contrastive {row['val_contrastive']:.4f}"
         )
+    if "probe_dice" in row:
+        msg += f" | probe Dice {row['probe_dice']:.4f} (untrained encoder {row['probe_dice_init']:.4f})"
+    return msg + (" (best)" if is_best else "")
+
+
+def _mae_message(row: Mapping[str, Any], total: int, is_best: bool) -> str:
+    msg = f"epoch {row['epoch']}/{total} masked-patch loss {row['train_recon']:.4f} {row['crop_pairs_per_s']:.1f} crops/s"
+    if "val_recon" in row:
+        msg += (f" | val {row['val_recon']:.4f} (each patch's own mean {row['val_patch_mean']:.4f}, "
+                f"mean visible patch {row['val_visible_mean']:.4f})")
     if "probe_dice" in row:
         msg += f" | probe Dice {row['probe_dice']:.4f} (untrained encoder {row['probe_dice_init']:.4f})"
     return msg + (" (best)" if is_best else "")
@@ -381,7 +440,7 @@ def pretrain(
     writer = _tensorboard(tensorboard, logdir)
     total = cfg["ssl_epochs"]
     say(
-        f"pre-training: preset={cfg['preset']} world_size={world_size()} device={precision.device} "
+        f"pre-training: preset={cfg['preset']} pretext={cfg['pretext']} world_size={world_size()} device={precision.device} "
         f"precision={precision.name} sdpa={cfg['sdpa']} roi={cfg['roi']} hidden={cfg['hidden_size']} | "
         f"{data.n_train} train / {data.n_val} val volumes, {cfg['ssl_batch_size']}x{cfg['ssl_num_samples']} crops "
         f"per step per rank, {len(data.train_loader)} steps per epoch, epochs {state['epoch'] + 1}..{total}"
@@ -391,7 +450,7 @@ def pretrain(
             break
         row = train_epoch(state, train_model, data, epoch, gather, progress and main, last_path)
         if epoch % cfg["ssl_val_every"] == 0 or epoch == total:
-            row.update(evaluate_ssl(state.model, data.val_loader, cfg, precision))
+            row.update(evaluate_pretext(state.model, data.val_loader, cfg, precision))
             check_finite(torch.tensor([row["val_recon"], row["val_total"]]), f"epoch {epoch} (validation)",
                          last_path, what="the validation loss")
         if probing and (epoch % cfg["probe_every"] == 0 or epoch == total):
@@ -402,7 +461,7 @@ def pretrain(
         state["epoch"] = epoch
         if main:
             _write_epoch(state, logdir, is_best, writer)
-            say(_epoch_message(row, total, is_best))
+            say(_epoch_message(row, total, is_best, cfg["pretext"]))
         barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)

@@ -63,11 +63,16 @@ def pretrain_deterministic(cfg: dict[str, Any]) -> list:
 
 
 def pretrain_random(cfg: dict[str, Any]) -> list:
-    """Random ROI crops, the untouched copy ``gt_image``, and two independently corrupted views."""
+    """Random ROI crops; for the two-view pretext (``pretext="views"``) also the untouched copy
+    ``gt_image`` and two independently corrupted views. The masked autoencoder (``"mae"``) takes the
+    clean crop as ``image`` (its masking happens inside the network)."""
+    crops = T.RandSpatialCropSamplesd(
+        keys=["image"], roi_size=_roi(cfg), random_size=False, num_samples=cfg["ssl_num_samples"]
+    )
+    if cfg.get("pretext", "views") == "mae":
+        return [crops]
     return [
-        T.RandSpatialCropSamplesd(
-            keys=["image"], roi_size=_roi(cfg), random_size=False, num_samples=cfg["ssl_num_samples"]
-        ),
+        crops,
         T.CopyItemsd(keys=["image"], times=2, names=["gt_image", "image_2"], allow_missing_keys=False),
         *view_augmentation(cfg, "image"),
         *view_augmentation(cfg, "image_2"),

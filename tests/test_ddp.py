@@ -164,6 +164,27 @@ def test_two_processes_train_and_write_a_checkpoint_unetr_loads(ddp_run):
     assert torch.equal(unetr.vit.state_dict()[key], torch.load(os.path.join(logdir, "best_model.pt"), weights_only=True)["state_dict"][key])
 
 
+@pytest.mark.timeout(600)
+def test_two_processes_pretrain_a_masked_autoencoder(smoke_cohort, tmp_path):
+    """``--pretext mae`` under 2 processes: both ranks train the MAE through the same loop, and the
+    checkpoint's every encoder tensor loads into UNETR (the final norm included)."""
+    from ssl_utils import build_unetr, get_config, load_pretrained_vit
+
+    logdir = str(tmp_path)
+    args = ["--preset", "smoke", "--epochs", "2", "--batch_size", "1", "--pretext", "mae", "--mask_ratio", "0.5",
+            "--data_root", smoke_cohort["tcia_root"], "--json_path", smoke_cohort["tcia_json"], "--logdir_path", logdir]
+    proc = torchrun(SCRIPT, args)
+    assert proc.returncode == 0, _explain(proc)
+    log = open(os.path.join(logdir, "train.log")).read()
+    assert "pretext=mae world_size=2" in log and "masked-patch loss" in log, log[-2000:]
+    ckpt = torch.load(os.path.join(logdir, "last_model.pt"), weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["pretext"] == "mae" and ckpt["config"]["mae_mask_ratio"] == 0.5
+    assert "mask_tokens" in ckpt["state_dict"]
+    unetr = build_unetr(get_config("smoke"))
+    report = load_pretrained_vit(unetr, os.path.join(logdir, "last_model.pt"))
+    assert sorted(report.loaded) == sorted(unetr.vit.state_dict()) and not report.missing
+
+
 def test_both_ranks_hold_bitwise_identical_parameters(ddp_run):
     """4 DDP steps without ``find_unused_parameters``: every tensor equal bit for bit on both ranks
     (gradients are all-reduced, never the weights, so one differing step would persist)."""
