@@ -2383,7 +2383,7 @@ _UNLABELED_KINDS = {"chest": "chest", "abdomen": "tcia"}  # make_synthetic_datas
 
 def _cohort_params(
     n_unlabeled, n_unlabeled_val, n_labeled_train, n_labeled_val, train_sizes, shape, spacing, seed, unlabeled_kind,
-    n_labeled_tune=0,
+    n_labeled_tune=0, n_labeled_control=0,
 ) -> dict:
     """Validated generation parameters, as written to ``cohort.json`` (raises ValueError)."""
     if unlabeled_kind not in _UNLABELED_KINDS:
@@ -2393,6 +2393,8 @@ def _cohort_params(
         raise ValueError(
             f"need n_unlabeled >= 1 and 0 <= n_unlabeled_val < n_unlabeled, got {n_unlabeled}, {n_unlabeled_val}"
         )
+    if n_labeled_control < 0:
+        raise ValueError(f"need n_labeled_control >= 0, got {n_labeled_control}")
     if n_labeled_train < 1 or n_labeled_val < 0 or n_labeled_tune < 0:
         raise ValueError(f"need n_labeled_train >= 1, n_labeled_tune >= 0 and n_labeled_val >= 0, got {n_labeled_train}, "
                          f"{n_labeled_tune}, {n_labeled_val}")
@@ -2412,12 +2414,15 @@ def _cohort_params(
     }
     if n_labeled_tune:  # recorded only when there is a tuning split (cohorts without one keep their cohort.json)
         params["n_labeled_tune"] = int(n_labeled_tune)
+    if n_labeled_control:  # likewise the positive-control split
+        params["n_labeled_control"] = int(n_labeled_control)
     return params
 
 
 def _cohort_layout(root: Path, params: dict) -> _CohortLayout:
     tcia_root, btcv_root = root / "tcia", root / "btcv"
-    n_lab = params["n_labeled_train"] + params.get("n_labeled_tune", 0) + params["n_labeled_val"]
+    n_lab = (params["n_labeled_train"] + params.get("n_labeled_tune", 0) + params["n_labeled_val"]
+             + params.get("n_labeled_control", 0))
     return _CohortLayout(
         root=root,
         tcia_root=tcia_root,
@@ -2492,8 +2497,10 @@ def _write_datalists(layout: _CohortLayout, params: dict) -> None:
     _write_json_atomic(split, layout.tcia_json)
     labels = {"0": "background", **{str(k): v for k, v in ORGANS.items()}}
     n_train, n_tune = params["n_labeled_train"], params.get("n_labeled_tune", 0)
-    train, tune, val = (layout.labeled[:n_train], layout.labeled[n_train : n_train + n_tune],
-                        layout.labeled[n_train + n_tune :])
+    n_val, n_control = params["n_labeled_val"], params.get("n_labeled_control", 0)
+    train, tune = layout.labeled[:n_train], layout.labeled[n_train : n_train + n_tune]
+    val = layout.labeled[n_train + n_tune : n_train + n_tune + n_val]
+    control = layout.labeled[n_train + n_tune + n_val :]
     for N, path in layout.btcv_json.items():
         datalist = {
             "description": "synthetic btcv-like cohort",
@@ -2505,6 +2512,7 @@ def _write_datalists(layout: _CohortLayout, params: dict) -> None:
             "training": train[:N],
             **({"tuning": tune} if n_tune else {}),
             "validation": val,
+            **({"control": control} if n_control else {}),
         }
         _write_json_atomic(datalist, path)
 
@@ -2524,6 +2532,7 @@ def make_synthetic_dataset(
     workers: int = 1,
     unlabeled_kind: str = "chest",
     n_labeled_tune: int = 0,
+    n_labeled_control: int = 0,
 ) -> dict:
     """Write (or reuse) a synthetic TCIA-like + BTCV-like cohort under ``root``.
 
@@ -2533,7 +2542,9 @@ def make_synthetic_dataset(
     ``cohort.json``, so a cohort of the other kind is regenerated, not reused.
     n_labeled_train / n_labeled_tune / n_labeled_val: labeled subjects (img0001.. training first, then the tuning
     split, then validation). The tuning split (a ``"tuning"`` list in every datalist, when n_labeled_tune > 0) is
-    what recipe choices are made on; the validation split only reports.
+    what recipe choices are made on; the validation split only reports. n_labeled_control: subjects after the
+    validation split, listed as ``"control"`` in every datalist (when > 0): the positive control's training set,
+    disjoint from the three others.
     train_sizes: for each N a ``btcv/dataset_0_init_{N}.json`` with the first N training subjects (nested)
     and the shared validation list. shape: in-plane voxels; spacing: nominal voxel size (mm).
     A complete ``root/cohort.json`` with identical parameters and all files present means reuse (unless
@@ -2544,7 +2555,7 @@ def make_synthetic_dataset(
     """
     params = _cohort_params(
         n_unlabeled, n_unlabeled_val, n_labeled_train, n_labeled_val, train_sizes, shape, spacing, seed, unlabeled_kind,
-        n_labeled_tune,
+        n_labeled_tune, n_labeled_control,
     )
     layout = _cohort_layout(Path(root), params)
     if not overwrite and _is_complete(layout, params):
@@ -2570,6 +2581,7 @@ def make_cohort_from_config(cfg: Mapping[str, Any] | str, root: str | os.PathLik
         n_labeled_train=int(cfg["synth_labeled_train"]),
         n_labeled_val=int(cfg["synth_labeled_val"]),
         n_labeled_tune=int(cfg["synth_labeled_tune"]),
+        n_labeled_control=int(cfg["synth_labeled_control"]),
         train_sizes=tuple(cfg["synth_train_sizes"]),
         shape=tuple(cfg["synth_shape"]),
         spacing=tuple(cfg["synth_spacing"]),
