@@ -128,7 +128,7 @@ def _recorded_run(logdir: str, cfg: Any, size: int, seed: int, arm: str, datalis
         diffs.append(f"run: recorded {summary['size']} volumes, seed {summary['seed']}, {summary['arm']}")
     if rec["datalist_digest"] != _file_digest(datalist):
         diffs.append(f"the datalist {datalist} is not the one the run trained on")
-    if arm == "pretrained" and rec["pretrained_digest"] != weights_digest(str(pretrained_path)):
+    if arm != "random" and rec["pretrained_digest"] != weights_digest(str(pretrained_path)):
         diffs.append(f"the weights of {pretrained_path} are not those the run started from")
     if not os.path.isfile(os.path.join(logdir, "history.json")):
         diffs.append("its history.json is missing")
@@ -158,7 +158,7 @@ def _compare_run(cfg: dict[str, Any], size: int, seed: int, arm: str, data_root:
     t0 = time.perf_counter()
     res = finetune(
         run_cfg, data_root=data_root, json_path=json_path, logdir=logdir,
-        pretrained_path=pretrained_path, use_pretrained=arm == "pretrained", resume="auto" if resume else False,
+        pretrained_path=pretrained_path, use_pretrained=arm != "random", resume="auto" if resume else False,
         device=device, progress=progress, cohort_root=cohort_root, n_train=size,
         log=lambda msg: notes.append(msg) if ("resumed" in msg or "new run" in msg) else None,
     )
@@ -181,16 +181,22 @@ def _same_record(path: str, record: dict[str, Any]) -> bool:
     return untimed(old) == untimed(json.loads(json.dumps(jsonable(record))))
 
 
-def _arms(pretrained_path: str | None, log: Callable[[str], None]) -> list[str]:
-    if not pretrained_path:
+def _encoders(pretrained_path: str | None, encoders: Mapping[str, str] | None,
+              log: Callable[[str], None]) -> dict[str, str]:
+    """``{arm: checkpoint}`` of the arms that start from an encoder (``pretrained_path`` is the
+    ``pretrained`` arm's; ``encoders`` adds ``mae`` / ``control``), every file checked to exist."""
+    found = {**({"pretrained": pretrained_path} if pretrained_path else {}), **dict(encoders or {})}
+    if not found:
         log("no pre-trained checkpoint given: only the random-initialisation arm runs")
-        return ["random"]
-    if not os.path.isfile(str(pretrained_path)):
-        raise FileNotFoundError(
-            f"pre-trained checkpoint {pretrained_path} not found; run ssl_train.ipynb first or pass "
-            "pretrained_path=None to run the random-initialisation arm only"
-        )
-    return ["random", "pretrained"]
+    for arm, path in found.items():
+        if arm not in ARMS or arm == "random":
+            raise ValueError(f"encoder arm {arm!r}: expected one of {list(ARMS[1:])}")
+        if not os.path.isfile(str(path)):
+            raise FileNotFoundError(
+                f"{ARM_LABELS[arm].lower()} checkpoint {path} not found; run ssl_train.ipynb first or pass "
+                "pretrained_path=None to run the random-initialisation arm only"
+            )
+    return {arm: str(found[arm]) for arm in ARMS if arm in found}
 
 
 def compare_init(
@@ -208,6 +214,7 @@ def compare_init(
     cohort_root: str = "data/synthetic",
     json_path: str | None = None,
     workers: int | None = None,
+    encoders: Mapping[str, str] | None = None,
 ) -> CompareResult:
     """Fine-tune from random initialisation and from the pre-trained encoder, with the same budget,
     for every training-set size and seed; write ``results.json`` and ``results_table.md`` to
@@ -218,7 +225,8 @@ def compare_init(
     ``default_train_sizes`` of its training count: 6/12/24 where they fit, and all of them). ``seeds``: default ``[0, 1]``; with the same
     seed both arms see the same data order, crops and decoder initialisation. ``pretrained_path``:
     ``None`` runs the random arm only (the pre-trained column then reads "n/a"); a path that does
-    not exist is an error. Own data: ``json_path``, a labeled datalist (paths relative to
+    not exist is an error. ``encoders``: more arms, ``{"mae": path, "control": path}``, each fine-tuned
+    exactly as the ``pretrained`` arm from its own encoder checkpoint. Own data: ``json_path``, a labeled datalist (paths relative to
     ``data_root``, default its folder); each size N trains on its first N training entries
     (nested subsets, written to ``logdir/datalists/``) and all sizes share its validation list.
     Or one datalist per size: ``data_root`` and ``json_template`` such as
@@ -238,7 +246,8 @@ def compare_init(
     seeds = [0, 1] if seeds is None else [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds is empty; give at least one seed")
-    arms = _arms(pretrained_path, log)
+    starts = _encoders(pretrained_path, encoders, log)
+    arms = ["random", *starts]
     os.makedirs(logdir, exist_ok=True)
     plan = [(n, s, arm) for n in sizes for s in seeds for arm in arms]
     log(f"comparison: {len(plan)} runs ({len(sizes)} training-set sizes x {len(seeds)} seeds x {len(arms)} arms), "
@@ -255,7 +264,7 @@ def compare_init(
         jobs.append((_compare_run, dict(
             cfg=cfg.to_dict(), size=n, seed=seed, arm=arm, data_root=None if subsets else data_root,
             json_path=datalists[n], logdir=compare_run_dir(logdir, n, seed, arm),
-            pretrained_path=pretrained_path if arm == "pretrained" else None, resume=resume, device=device,
+            pretrained_path=starts.get(arm), resume=resume, device=device,
             progress=progress and workers == 1, cohort_root=cohort_root,
         )))
     if workers > 1:
@@ -283,10 +292,12 @@ def compare_init(
         cfg = cfg.replace(out_channels=len(class_names))  # as the runs were configured (the datalist's classes)
     partial = {"runs": runs, "config": jsonable(cfg), "seeds": seeds, "arms": arms, "class_names": class_names}
     paired = report.paired_summary(partial, metric="final")
+    paired_tables = "\n".join(report.paired_table_markdown(report.paired_summary(partial, "final", treatment=arm), arm)
+                              for arm in arms if arm != "random") or report.paired_table_markdown({})
     results = CompareResult(
         runs, partial["config"], seeds, arms, report.results_table_markdown(partial, "final"),
         report.results_table_markdown(partial, "best"), report.per_organ_table_markdown(partial, "final"), paired,
-        report.paired_table_markdown(paired), paths, time.perf_counter() - t_all, class_names,
+        paired_tables, paths, time.perf_counter() - t_all, class_names,
     )
     write_json(paths["json"], results)
     write_text(paths["table"], report.comparison_report_markdown(results))

@@ -10,8 +10,11 @@ import numpy as np
 
 from ..organs import are_btcv_organs, mean_label
 
-ARMS = ("random", "pretrained")
-ARM_LABELS = {"random": "Random Init", "pretrained": "Pre-trained"}
+# random initialisation; the reference pretext's encoder; the masked autoencoder's; the positive control (the encoder of
+# a UNETR trained with labels on a disjoint split)
+ARMS = ("random", "pretrained", "mae", "control")
+ARM_LABELS = {"random": "Random Init", "pretrained": "Pre-trained", "mae": "MAE pre-trained",
+              "control": "Control (supervised encoder)"}
 
 def _by_size(results: dict[str, Any], metric: str) -> dict[int, dict[str, dict[int, float]]]:
     """``{size: {arm: {seed: value}}}`` and the validation counts, from the run list."""
@@ -42,18 +45,20 @@ def results_table_markdown(results: dict[str, Any], metric: str = "final") -> st
     (pre-trained / random - 1, paired) and then averaged. A missing arm reads "n/a".
     """
     n_val = {int(r["size"]): int(r["n_val"]) for r in results["runs"]}
+    extra = [a for a in ARMS[2:] if any(r["arm"] == a for r in results["runs"])]  # arms beyond the reference's two
     lines = [
-        "| Training Volumes | Validation Volumes | Random Init Dice | Pre-trained Dice | Relative Improvement |",
-        "|---|---|---|---|---|",
+        "| Training Volumes | Validation Volumes | Random Init Dice | Pre-trained Dice | Relative Improvement |"
+        + "".join(f" {ARM_LABELS[a]} Dice | Relative Improvement |" for a in extra),
+        "|---|---|---|---|---|" + "---|---|" * len(extra),
     ]
     for size, arms in _by_size(results, metric).items():
-        rand, pre = arms["random"], arms["pretrained"]
-        paired = [s for s in sorted(rand) if s in pre]
-        rel = [(pre[s] / rand[s] - 1.0) for s in paired if rand[s] > 0]
-        lines.append(
-            f"| {size} | {n_val[size]} | {_mean_sd(list(rand.values()))} | {_mean_sd(list(pre.values()))} | "
-            f"{_mean_sd(rel, unit='%') if rel else 'n/a'} |"
-        )
+        rand = arms["random"]
+        cells = []
+        for arm in ("pretrained", *extra):
+            treat = arms[arm]
+            rel = [(treat[s] / rand[s] - 1.0) for s in sorted(rand) if s in treat and rand[s] > 0]
+            cells.append(f"{_mean_sd(list(treat.values()))} | {_mean_sd(rel, unit='%') if rel else 'n/a'}")
+        lines.append(f"| {size} | {n_val[size]} | {_mean_sd(list(rand.values()))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -90,19 +95,20 @@ def per_organ_table_markdown(results: dict[str, Any], metric: str = "final") -> 
     return "\n".join(lines) + "\n"
 
 
-def paired_summary(results: dict[str, Any], metric: str = "final", level: float = 0.95) -> dict[int, dict[str, Any]]:
-    """Per training-set size, the paired difference pre-trained - random over seeds (Dice
+def paired_summary(results: dict[str, Any], metric: str = "final", level: float = 0.95,
+                   treatment: str = "pretrained") -> dict[int, dict[str, Any]]:
+    """Per training-set size, the paired difference ``treatment`` - random over seeds (Dice
     fractions): ``ssl_utils.stats.paired_comparison``'s dict plus ``wins`` (seeds where the
-    pre-trained arm is higher). Sizes without both arms are left out."""
+    treatment arm is higher). Sizes without both arms are left out."""
     from ..stats import paired_comparison
 
     out: dict[int, dict[str, Any]] = {}
     for size, arms in _by_size(results, metric).items():
-        seeds = [s for s in sorted(arms["random"]) if s in arms["pretrained"]]
+        seeds = [s for s in sorted(arms["random"]) if s in arms[treatment]]
         if not seeds:
             continue
         a = [arms["random"][s] for s in seeds]
-        b = [arms["pretrained"][s] for s in seeds]
+        b = [arms[treatment][s] for s in seeds]
         res = paired_comparison(a, b, level=level)
         res["seeds"] = seeds
         res["wins"] = int(sum(y > x for x, y in zip(a, b)))
@@ -110,13 +116,14 @@ def paired_summary(results: dict[str, Any], metric: str = "final", level: float 
     return out
 
 
-def paired_table_markdown(paired: dict[int, dict[str, Any]]) -> str:
+def paired_table_markdown(paired: dict[int, dict[str, Any]], treatment: str = "pretrained") -> str:
     """Markdown table of ``paired_summary``: mean paired difference in Dice points with its
     t interval, wins out of seeds, and the verdict the interval supports."""
+    label = ARM_LABELS[treatment]
     if not paired:
-        return "(no paired runs: the pre-trained arm did not run)\n"
+        return f"(no paired runs: the {label.lower()} arm did not run)\n"
     lines = [
-        "| Training Volumes | Seeds | Pre-trained - Random (Dice points) | 95% CI | Pre-trained higher | Verdict |",
+        f"| Training Volumes | Seeds | {label} - Random (Dice points) | 95% CI | {label} higher | Verdict |",
         "|---|---|---|---|---|---|",
     ]
     for size, r in paired.items():
@@ -138,7 +145,7 @@ def comparison_report_markdown(results: dict[str, Any]) -> str:
     return (
         f"Validation Dice (%) after {cfg.get('ft_iterations', '?')} iterations (preset {cfg.get('preset', 'custom')}), "
         f"{len(seeds)} seed(s) {list(seeds)}; final Dice = {final}.\n\n"
-        "Pre-trained − random, paired by seed (same data order, crops and decoder initialisation):\n\n"
+        "Each encoder arm − random initialisation, paired by seed (same data order, crops and decoder initialisation):\n\n"
         + results["paired_table"]
         + "\nIn the reference's format (mean ± sd over seeds; relative improvement per seed, then averaged):\n\n"
         + results["table"]
