@@ -3,7 +3,6 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-export PYTHONPATH := $(CURDIR)
 export MPLBACKEND := Agg
 # OpenMP threads sleep instead of spinning while they wait: on a shared or busy CPU, spinning
 # threads made training up to 10x slower here.
@@ -11,10 +10,14 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test venv experiment benchmark clean-runs
 
-$(VENV)/.installed: requirements.txt
+# The pinned set, then the package itself, editable and without its loose dependencies (the pins
+# rule): `import ssl_utils` and the commands ssl-prepare, ssl-bundle, ssl-study, ssl-demo work from
+# any folder, in notebooks and in torchrun workers alike.
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 

@@ -58,8 +58,6 @@ import warnings
 from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 DEFAULT_JSON = os.path.join("json_files", "tcia_covid19", "dataset_split.json")
 DEFAULT_LOGDIR = os.path.join(REPO, "runs", "mgpu_ssl")

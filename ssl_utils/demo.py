@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see the Makefile
@@ -22,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _machine() -> str:
-    from ssl_utils.runtime import cpu_model
+    from .runtime import cpu_model
 
     return f"{cpu_model()}, {os.cpu_count()} cores"
 
@@ -53,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell_timeout", type=int, default=1800, help="seconds allowed per notebook cell")
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, REPO)
-    from ssl_utils.config import get_config
-    from ssl_utils.synthetic import make_cohort_from_config
+    from .config import get_config
+    from .synthetic import make_cohort_from_config
 
     out_dir = os.path.join(REPO, args.out)
     os.makedirs(out_dir, exist_ok=True)

@@ -1,9 +1,5 @@
 import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 os.environ.setdefault("MPLBACKEND", "Agg")
 # before torch is imported: OpenMP threads sleep rather than spin while waiting (busy CPUs)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

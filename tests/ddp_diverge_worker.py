@@ -19,10 +19,6 @@ import os
 import sys
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
 import torch
 import torch.distributed as dist
 from monai.networks.nets import ViTAutoEnc
