@@ -1,4 +1,5 @@
-# Two commands: `make demo` (the whole story on the embedded cohort) and `make test`.
+# Two commands: `make demo` (the whole story on the embedded cohort) and `make test`
+# (`make test-fast` leaves out the slow tests).
 # Each creates .venv from requirements.txt when it is missing.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,7 +9,7 @@ export MPLBACKEND := Agg
 # threads made training up to 10x slower here.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test venv experiment benchmark clean-runs
+.PHONY: demo test test-fast venv experiment benchmark clean-runs
 
 # The pinned set, then the package itself, editable and without its loose dependencies (the pins
 # rule): `import ssl_utils` and the commands ssl-prepare, ssl-bundle, ssl-study, ssl-demo work from
@@ -23,8 +24,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
+# what CI runs (.ci/run)
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# the inner loop: everything but the tests marked slow (notebooks, torchrun processes, whole runs)
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(VENV)/.installed
 	$(PY) -m ssl_utils.demo --out runs/demo

@@ -216,6 +216,7 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path, smoke_cohort):
 # ---------------------------------------------------------------------------- comparison
 
 
+@pytest.mark.slow
 def test_compare_init_fills_every_cell(tmp_path, smoke_cohort, vit_checkpoint):
     cfg = get_config("smoke", ft_iterations=2, ft_eval_every=1)
     logdir = str(tmp_path / "compare")
@@ -263,6 +264,7 @@ def test_compare_init_fills_every_cell(tmp_path, smoke_cohort, vit_checkpoint):
     assert text.count("is not the file this run started from") == 1 and text.count("resumed from") == 1
 
 
+@pytest.mark.slow
 def test_compare_init_reuses_records_of_finished_runs_without_their_weights(tmp_path, smoke_cohort, vit_checkpoint):
     """A finished run leaves run_record.json; with its checkpoints gone (the folder copied to another
     machine) the run is reused, unless the pre-trained encoder's weights are not the ones it started from."""

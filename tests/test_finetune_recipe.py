@@ -114,6 +114,7 @@ def _square(x: int) -> int:
     return x * x
 
 
+@pytest.mark.slow
 def test_jobs_side_by_side_return_every_result_and_keep_the_error_type():
     from ssl_utils.parallel import run_jobs
 

@@ -25,6 +25,7 @@ def lesion_comparison(lesion_dataset, tmp_path_factory, one_thread):
     return res, logdir
 
 
+@pytest.mark.slow
 def test_the_comparison_trains_and_reports_the_datalists_own_classes(lesion_comparison, lesion_dataset):
     res, logdir = lesion_comparison
     assert res.class_names == ["background", "lesion"]

@@ -253,6 +253,7 @@ def test_label_problems_and_an_occupied_output_folder_are_listed_together(tmp_pa
     assert tree_digest(out) == out_before
 
 
+@pytest.mark.slow
 def test_labeled_dataset_has_its_own_classes_and_the_command_line_works(tmp_path):
     hu, affine = reference_volume()
     images, labels = tmp_path / "images", tmp_path / "labels"

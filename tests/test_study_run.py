@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a whole study at smoke size (minutes)
+
 
 @pytest.fixture(scope="module")
 def study(smoke_cohort, tmp_path_factory):
