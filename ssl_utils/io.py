@@ -3,13 +3,15 @@
 ``atomic_write(path, write)`` writes into a temporary file in the target's folder, flushes and
 fsyncs it, renames it over ``path`` and fsyncs the folder: a crash, a kill or a failed write (no
 space, no permission) leaves the previous file intact, and temporary files left by killed writers
-are removed by the next write. ``write_json``, ``write_csv`` and ``write_text`` build on it;
+are removed by the next write. ``write_json``, ``write_csv``, ``write_text`` and ``write_nifti``
+(the one NIfTI writer: the embedded cohort and ``prepare`` both write through it) build on it;
 ``jsonable`` is the one conversion of configs and results to JSON types.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import os
@@ -167,3 +169,20 @@ def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], what: 
     w.writeheader()
     w.writerows(rows)
     return write_text(path, buf.getvalue(), what)
+
+
+def write_nifti(path: str | os.PathLike, data: Any, affine: Any, what: str = "volume", compresslevel: int = 1) -> str:
+    """Write ``data`` (voxels ``[x, y, z]``, their dtype kept) as NIfTI-1 with ``affine`` (4x4, mm,
+    RAS world) in both the qform and the sform, atomically. A ``.gz`` path is gzip-compressed at
+    ``compresslevel`` with no timestamp, so the same voxels give the same bytes."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_data_dtype(data.dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    payload = img.to_bytes()
+    if os.fspath(path).endswith(".gz"):
+        payload = gzip.compress(payload, compresslevel=compresslevel, mtime=0)
+    return atomic_write(path, lambda f: f.write(payload), what)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ssl_utils.data import preflight_datalist
-from ssl_utils.prepare import PrepareError, main, prepare_dataset, read_metaimage
+from ssl_utils.prepare import PrepareError, main, prepare_dataset, read_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (12, 10, 7)  # RAS voxel axes of the reference volume
@@ -174,7 +174,7 @@ def test_every_format_reads_back_to_the_same_hu_and_ras_affine(tmp_path):
 def test_metaimage_reader_matches_the_written_voxels(tmp_path):
     hu, affine = reference_volume(3)
     write_metaimage(tmp_path / "a.mha", hu, affine, np.array([[0, 1], [1, 1], [2, 1]]))
-    data, ras = read_metaimage(tmp_path / "a.mha")
+    data, ras = read_image(tmp_path / "a.mha")
     np.testing.assert_array_equal(data, hu)
     np.testing.assert_allclose(ras, affine)
 
@@ -342,26 +342,73 @@ def test_a_damaged_file_stops_without_a_datalist_and_the_fixed_input_runs_again(
     assert sorted(p.name for p in out.iterdir()) == ["data", "dataset.json", "prepare_summary.md"]
 
 
-def test_a_series_pydicom_cannot_decode_here_is_refused_before_writing(tmp_path):
-    """Pixel data in a compressed transfer syntax whose decoder plugin is not installed: refused
-    by its header, with the plugin to install, before anything is written."""
+def test_a_series_whose_pixel_data_cannot_be_decoded_is_refused_before_writing(tmp_path):
+    """Pixel data that the header calls JPEG Lossless but that is not a JPEG stream: refused by the
+    checks (the first slice is decoded there), named with its transfer syntax, before anything is
+    written."""
     from pydicom import dcmread
     from pydicom.encaps import encapsulate
-    from pydicom.pixels import get_decoder
     from pydicom.uid import JPEGLosslessSV1
 
-    if get_decoder(JPEGLosslessSV1).is_available:
-        pytest.skip("a JPEG Lossless decoder is installed here")
     hu, affine = reference_volume()
     src = tmp_path / "in"
     for path in write_dicom_series(src / "compressed", hu, affine):
         ds = dcmread(str(path))
-        ds.PixelData = encapsulate([ds.PixelData])  # the header says JPEG Lossless; never decoded
+        ds.PixelData = encapsulate([ds.PixelData])  # the header says JPEG Lossless; the data is not
         ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
         ds.save_as(str(path), enforce_file_format=True)
     write_dicom_series(src / "plain1", hu, affine)
     write_dicom_series(src / "plain2", hu, affine)
     with pytest.raises(PrepareError, match=r"1 problem\(s\); nothing was written:\n  - .*compressed: pixel data "
-                                           r"compressed as JPEG Lossless.*pylibjpeg"):
+                                           r"compressed as JPEG Lossless.* cannot be decoded here \(IM0000: .*"
+                                           r"decompress the series first"):
         prepare_dataset(src, tmp_path / "out", progress=False, log=lambda _: None)
     assert not (tmp_path / "out").exists()
+
+
+def compress_series(paths: list[Path], folder: Path, compressor: str = "JPEG") -> str:
+    """The DICOM files ``paths`` written again into ``folder`` with their pixel data compressed by
+    GDCM (SimpleITK; "JPEG" is JPEG Lossless, process 14), the CT header fields put back with
+    pydicom; returns the transfer syntax's name."""
+    import locale
+
+    import SimpleITK as sitk
+    from pydicom import dcmread
+
+    folder.mkdir(parents=True)
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer sets the C locale: put this process's back
+    for path in paths:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        image = sitk.Cast(reader.Execute(), sitk.sitkInt16)  # HU (the intercept applied)
+        for key in reader.GetMetaDataKeys():
+            image.SetMetaData(key, reader.GetMetaData(key))
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetImageIO("GDCMImageIO")
+        writer.SetCompressor(compressor)
+        writer.UseCompressionOn()
+        writer.SetFileName(str(folder / path.name))
+        writer.Execute(image)
+        original, ds = dcmread(str(path)), dcmread(str(folder / path.name))
+        for key in ("SOPClassUID", "Modality", "ImageType", "SeriesInstanceUID", "ImagePositionPatient",
+                    "ImageOrientationPatient", "PixelSpacing"):
+            setattr(ds, key, original.get(key))
+        ds.save_as(str(folder / path.name), enforce_file_format=True)
+    locale.setlocale(locale.LC_ALL, saved)
+    return dcmread(str(folder / paths[0].name)).file_meta.TransferSyntaxUID.name
+
+
+def test_a_jpeg_lossless_series_is_decoded_to_the_same_volume(tmp_path):
+    """A series compressed with JPEG Lossless (which pydicom decodes only with a plugin) is read
+    through SimpleITK: the same HU and affine as the uncompressed series."""
+    hu, affine = reference_volume(2)
+    plain = write_dicom_series(tmp_path / "plain" / "case", hu, affine)
+    syntax = compress_series(plain, tmp_path / "jpeg" / "case")
+    assert syntax.startswith("JPEG Lossless")
+    outs = {name: prepare_dataset(tmp_path / name, tmp_path / f"out_{name}", val_fraction=0.0, progress=False,
+                                  log=lambda _: None) for name in ("plain", "jpeg")}
+    images = {name: nib.load(str(tmp_path / f"out_{name}" / "data" / "case.nii.gz")) for name in outs}
+    np.testing.assert_array_equal(np.asanyarray(images["jpeg"].dataobj), hu)
+    np.testing.assert_array_equal(np.asanyarray(images["plain"].dataobj), hu)
+    np.testing.assert_allclose(images["jpeg"].affine, affine, atol=1e-4)
