@@ -6,8 +6,11 @@ check, run state), ``distributed`` (ranks, collectives, shards), ``io`` (atomic 
 ``data`` (datalists, pre-flight checks), ``synthetic`` (the embedded CT cohort), ``organs``,
 ``transforms``, ``datasets``, ``models`` (plain builders, weight transfer), ``speedups`` (patches
 of MONAI internals, version-guarded), ``losses``, ``checkpoint``, ``pretrain``, ``finetune/``,
-``probe``, ``stats``, ``study``, ``plots``.
+``probe``, ``stats``, ``study``, ``plots``, ``progress`` (text progress bars on request),
+``notebooks`` (executed notebooks fit for a static page).
 """
+
+from . import progress  # first: SSL_UTILS_PROGRESS=text takes effect before any module imports tqdm.auto
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .config import ARCH_KEYS, PRESETS, Config, ConfigError, get_config

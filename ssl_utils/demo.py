@@ -4,7 +4,9 @@
 
 Writes the executed notebooks to ``--out`` (``ssl_train.ipynb``, ``ssl_finetune.ipynb``), the
 pre-training run to ``runs/ssl`` and the fine-tuning runs to ``runs/finetune`` (tables, figures,
-JSON), and prints how long each step took.
+JSON), and prints how long each step took. The executed copies are made to be committed and read
+on a static page: progress bars as text (``SSL_UTILS_PROGRESS=text`` in the kernels), then no
+widget state and no path of this machine (``ssl_utils.notebooks.clean_notebook``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported; see the Makefile
+os.environ.setdefault("SSL_UTILS_PROGRESS", "text")  # the kernels papermill starts inherit it (ssl_utils.progress)
 
 from .io import write_json  # noqa: E402 (no torch import)
 
@@ -27,19 +30,24 @@ def _machine() -> str:
 
 
 def run_notebook(name: str, out_dir: str, parameters: dict, timeout: int) -> float:
-    """Execute ``name`` with papermill into ``out_dir``; returns the seconds it took."""
+    """Execute ``name`` with papermill into ``out_dir``, then clean the copy for a static page
+    (``clean_notebook``: paths relative to the repository); returns the seconds it took."""
     import papermill as pm
 
+    from .notebooks import clean_notebook
+
     t0 = time.perf_counter()
+    out = os.path.join(out_dir, name)
     pm.execute_notebook(
         os.path.join(REPO, name),
-        os.path.join(out_dir, name),
+        out,
         parameters=parameters,
         cwd=REPO,
         kernel_name="python3",
         execution_timeout=timeout,
         progress_bar=True,
     )
+    clean_notebook(out, REPO)
     return time.perf_counter() - t0
 
 

@@ -8,6 +8,7 @@ One module per job:
 - ``inference``: sliding-window logits, label maps, validation Dice;
 - ``loop``: ``finetune``, the training loop (one ``ssl_utils.engine.train_step`` per iteration);
 - ``compare``: ``compare_init``, both arms paired by seed for every training-set size;
+- ``reload``: ``load_finetune_run``, a finished run read back from its folder (no training);
 - ``report``: the Markdown tables (the reference's table, per organ, paired differences).
 """
 
@@ -17,6 +18,7 @@ from .inference import evaluate, predict_labels, predict_logits
 from .inputs import EpochSampler, comparison_datalists, config_for_classes, default_train_sizes, nested_datalist, resolve_ft_data
 from .loop import BEST_NAME, FT_RESUME_KEYS, LAST_NAME, FinetuneResult, build_finetune_model, check_head, finetune
 from .metrics import dice_per_case, dice_with_background, summarize_dice
+from .reload import load_finetune_run
 from .report import (
     ARM_LABELS,
     ARMS,
