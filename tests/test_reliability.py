@@ -575,7 +575,9 @@ def test_resume_from_other_configuration_names_the_settings(smoke_cohort, good_r
     with pytest.raises(CheckpointError) as info:  # refused before the data is read: these paths do not exist
         pretrain(cfg, str(tmp_path / "no-data"), str(tmp_path / "no.json"), str(logdir), resume=True, device="cpu", **QUIET)
     msg = str(info.value)
-    assert "roi: checkpoint 32, this run 48" in msg and "hidden_size: checkpoint 32, this run 64" in msg, msg
+    trained = get_config("smoke")
+    assert f"roi: checkpoint {trained['roi']}, this run 48" in msg, msg
+    assert f"hidden_size: checkpoint {trained['hidden_size']}, this run 64" in msg, msg
     assert str(logdir / "last_model.pt") in msg
     assert snapshot(logdir) == before
 
