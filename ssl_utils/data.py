@@ -412,26 +412,24 @@ def _check_many(
     desc: str,
     workers: int | None,
 ) -> list[list[str]]:
-    """``check_entry`` on every job (entry, written), in threads, with a progress bar."""
+    """``check_entry`` on every job (entry, written), in threads (chunks of jobs, so that a long
+    datalist of small files does not pay a thread hand-over per file), with a progress bar."""
     from tqdm.auto import tqdm
 
     workers = workers or _default_workers()
 
-    def one(job: tuple[dict[str, str], dict[str, str]]) -> list[str]:
-        return check_entry(job[0], num_classes=num_classes, check_values=check_values, window=window, written=job[1])
+    def some(chunk: Sequence[tuple[dict[str, str], dict[str, str]]]) -> list[list[str]]:
+        return [check_entry(e, num_classes=num_classes, check_values=check_values, window=window, written=w) for e, w in chunk]
 
+    size = 1 if check_values else 64  # a full read is long enough to be handed over alone
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     bar = tqdm(total=len(jobs), desc=desc, leave=False, disable=not progress)
     results: list[list[str]] = []
     try:
-        if workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                results.append(one(job))
-                bar.update(1)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for problems in pool.map(one, jobs):
-                    results.append(problems)
-                    bar.update(1)
+        with ThreadPoolExecutor(max_workers=min(workers, max(1, len(chunks)))) as pool:
+            for done in pool.map(some, chunks):
+                results += done
+                bar.update(len(done))
     finally:
         bar.close()
     return results

@@ -87,11 +87,15 @@ class SeededCacheDataset(Dataset):
         def one(i: int) -> tuple[bool, list[tuple[str, str]] | None]:
             try:
                 return self.store.fill(i), None
-            except CacheWriteError:
-                raise
-            except ContentError as exc:
-                return False, exc.problems
-            except Exception as exc:  # a transform failing on this volume: named, not a stack trace
+            except Exception as exc:  # MONAI's Compose wraps what a transform raised: look at the cause
+                cause = exc
+                while cause.__cause__ is not None and not isinstance(cause, (ContentError, CacheWriteError)):
+                    cause = cause.__cause__
+                if isinstance(cause, CacheWriteError):
+                    raise cause from None
+                if isinstance(cause, ContentError):
+                    return False, cause.problems
+                # another transform failing on this volume: named, not a stack trace
                 return False, [(next(iter(self.data[i]), "image"), f"the deterministic transforms failed ({describe_error(exc)})")]
 
         problems: dict[int, list[tuple[str, str]]] = {}
