@@ -208,7 +208,7 @@ def pretrain_data(cfg: Mapping[str, Any], json_path: str, data_root: str | None,
         datasets["training"].select([train[k % len(train)] for k in range(max(lengths))])
     reused = sum(x[1] for x in per_rank)
     where = f"disk cache {cfg['cache_dir']}" if cfg["cache"] == "disk" else "memory"
-    log(f"data: {len(checked.usable('training'))} training / {len(checked.usable('validation'))} validation volumes; "
+    log(f"data ready: {len(checked.usable('training'))} training / {len(checked.usable('validation'))} validation volumes; "
         f"headers checked in {header_s:.1f} s on {w} rank(s); {sum(x[2] for x in per_rank) - reused} volume reads into "
         f"{where}" + (f", {reused} reused from it" if cfg["cache"] == "disk" else "")
         + f", {max(x[3] for x in per_rank):.1f} s (slowest rank)")
