@@ -342,6 +342,7 @@ def write_report(result: dict[str, Any], out: str) -> None:
         lines.append(f"| {name} | {e['all']:.2f} | {last:.2f} |")
     lines += ["", "## Targets", ""]
     lines += _targets(a)
+    lines += projection(result)
     if result.get("demo"):
         lines += ["", "## The demo cohort's set-up (single process, memory cache, probe monitor off)", "",
                   "| code | median set-up (s) | runs (s) |", "|---|---:|---|"]
@@ -370,6 +371,62 @@ def _targets(a: dict[str, Any]) -> list[str]:
             out.append(f"- with the disk cache, peak RSS per rank <= 1.2x from N = 1,000 to 10,000, {name}: {ratio:.2f}x - "
                        f"{'met' if ratio <= 1.2 else 'NOT met'}")
     return out
+
+
+def per_volume_costs(result: dict[str, Any]) -> dict[str, float]:
+    """Seconds per volume per rank at the largest size run with 1 rank: header check, first
+    (cold) cache fill, and a later run's fill (every volume reused); and the deterministic stage of
+    a real-size CT volume from ``benchmarks/results/cpu.json`` (its ``data`` section)."""
+    out: dict[str, float] = {}
+    one = [r for r in result["runs"] if r["ranks"] == 1 and r["header_check_s"] is not None]
+    n = max((r["n"] for r in one), default=None)
+    for r in one:
+        if r["n"] == n:
+            volumes = r["n"] + max(2, r["n"] // 50)
+            out["header_check"] = r["header_check_s"] / volumes
+            key = {"disk": "fill_cold", "disk-warm": "fill_warm", "memory": "fill_memory"}[r["cache"]]
+            out[key] = r["cache_fill_s"] / volumes
+    try:
+        with open(os.path.join(ROOT, "benchmarks", "results", "cpu.json")) as f:
+            data = json.load(f)["sections"]["data"]
+        out["fill_real_ct"] = data["variants"]["reference"]["median_s"] / len(data["volumes"])
+    except (OSError, KeyError, ValueError):
+        pass
+    return out
+
+
+def projection(result: dict[str, Any], volumes: int = 50_000, ranks_per_node: int = 8) -> list[str]:
+    """A projection (not a measurement) of the data set-up for ``volumes`` on 1..16 nodes, from
+    the per-volume costs measured here, assuming the work divides evenly over the ranks and the
+    file system keeps up."""
+    c = per_volume_costs(result)
+    if "header_check" not in c:
+        return []
+    lines = ["", f"## Projection (not a measurement): {volumes:,} volumes, {ranks_per_node} ranks per node", "",
+             "Per volume and rank, measured above with 1 rank at the largest N: header check "
+             f"{c['header_check'] * 1e3:.2f} ms" + (f", first-run cache fill {c['fill_cold'] * 1e3:.1f} ms" if "fill_cold" in c else "")
+             + (f", later-run fill (reused) {c['fill_warm'] * 1e3:.2f} ms" if "fill_warm" in c else "")
+             + " (these small volumes); and a real-size CT volume's deterministic stage "
+             + (f"{c['fill_real_ct']:.2f} s (512 x 512 x ~110 voxels at 0.75 x 0.75 x 2.5 mm resampled to 2 mm, "
+                "one thread, benchmarks/results/cpu.json, `data` section: the reference's per-epoch load of the whole chain, "
+                "random stage included, so an upper bound for the deterministic stage)." if "fill_real_ct" in c else "."),
+             "Assumed: the work divides evenly over the ranks (as measured above for 1 -> 2 ranks) and the file "
+             "system serves every rank at that rate; one rank per GPU; each rank's cache fill in one thread.", "",
+             "| nodes | ranks | header check | first run, small volumes | first run, real CT | later runs (cache reused) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for nodes in (1, 2, 4, 8, 16):
+        ranks = nodes * ranks_per_node
+        cells = [volumes * c["header_check"] / ranks, volumes * c.get("fill_cold", float("nan")) / ranks,
+                 volumes * c.get("fill_real_ct", float("nan")) / ranks,
+                 volumes * (c["header_check"] + c.get("fill_warm", float("nan"))) / ranks]
+        lines.append(f"| {nodes} | {ranks} | " + " | ".join(_duration(x) for x in cells) + " |")
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h")
 
 
 def write_figure(result: dict[str, Any], out: str) -> None:
