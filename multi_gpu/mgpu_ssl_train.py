@@ -42,6 +42,10 @@ when adding GPUs at a fixed per-GPU batch, the linear scaling rule (lr proportio
 batch, e.g. 1e-4 on one GPU -> 4e-4 on four) is a reasonable start, with --warmup_epochs 5 or so.
 --global_negatives makes the contrastive loss compare each view with the views of every GPU.
 
+Cohorts larger than memory: --cache disk --cache_dir DIR keeps the resampled volumes in DIR
+instead of each process's memory; the first run fills it, later runs and resumed runs reuse it
+(docs/clusters.md: where to put it, SLURM, measured scaling).
+
 Without --data_root the embedded synthetic CT cohort is used (generated once under
 <repo>/data/synthetic at the preset's size; --preset demo for a CPU-sized run).
 """
@@ -81,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", default="", help="folder for best_model.pt / last_model.pt and history (default: --logdir_path)")
     g.add_argument("--skip_bad", action="store_true", help="drop unreadable datalist entries (listed in the log) instead of stopping")
     g.add_argument("--num_workers", type=int, default=None, help="data-loader worker processes per GPU (default: preset's)")
+    g.add_argument("--cache", default=None, choices=["memory", "disk"], help="where the resampled volumes wait between epochs: memory (each process holds its share) or disk (--cache_dir; reused by later runs and every process; docs/clusters.md)")
+    g.add_argument("--cache_dir", default="", help="folder of the disk cache (a local SSD or a shared file system)")
     g = p.add_argument_group("recipe (defaults: the preset's values)")
     g.add_argument("--preset", default="paper", choices=["paper", "demo", "smoke"], help="paper: the reference's recipe (GPU); demo: CPU minutes; smoke: CPU seconds (default: paper)")
     g.add_argument("--epochs", type=int, default=None, help="epochs (paper: 500)")
@@ -249,6 +255,8 @@ def make_config(args: argparse.Namespace):
         deterministic=True if args.deterministic else None,
         ssl_amp=args.amp,  # this script only pre-trains: --amp is pre-training's precision
         num_workers=args.num_workers,
+        cache=args.cache,
+        cache_dir=os.path.abspath(os.path.expanduser(args.cache_dir)) if args.cache_dir else None,
         probe_every=args.probe_every,
         select_by=args.select_by,
     )

@@ -82,6 +82,10 @@ class RunConfig(_Group):
     deterministic: bool = False
     num_workers: int = 0
     cache_rate: float = 1.0
+    # pre-training's cache of the deterministic stage: "memory" (each rank holds its shard) or "disk"
+    # (one file per volume under cache_dir, reused by later runs and every rank; ssl_utils.cache)
+    cache: str = "memory"
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,7 @@ _CHOICES: dict[str, tuple] = {
     "ft_eval_split": ("validation", "tuning"),
     "pretext": ("views", "mae"),
     "mae_loss": ("mse", "l1"),
+    "cache": ("memory", "disk"),
 }
 
 
@@ -325,6 +330,8 @@ class Config(Mapping):
                 f"({m.hidden_size}) and mae_decoder_hidden ({p.mae_decoder_hidden}) to be multiples of 6")
         if p.select_by == "probe" and p.probe_every == 0:
             raise ConfigError("select_by='probe' needs the probe monitor: set probe_every to a number of epochs (> 0)")
+        if self.run.cache == "disk" and not self.run.cache_dir:
+            raise ConfigError("cache='disk' needs cache_dir: the folder for the cached volumes (a local SSD or a shared file system)")
         if p.ssl_a_min >= p.ssl_a_max or self.finetune.ft_a_min >= self.finetune.ft_a_max:
             raise ConfigError("the HU window needs a_min < a_max (ssl_a_min/ssl_a_max, ft_a_min/ft_a_max)")
 

@@ -16,21 +16,27 @@ the GIL); each file is decompressed once and its voxels are reduced without a fl
 
 What a file must satisfy (``check_entry``):
 
-- it exists, is readable, and nibabel reads it to the end (a truncated ``.nii.gz`` or a file of
-  another kind under a NIfTI name is refused);
-- the image is 3D (a trailing singleton 4th axis is accepted);
-- the voxel spacing in the header is positive and finite, and the affine is invertible;
-- voxel values are finite (no NaN / Inf);
-- with an intensity ``window`` (the transforms' HU window): some voxel lies above the window's
-  lower end. An all-air volume is refused rather than trained on, because cropping its
-  foreground would leave nothing but padding;
-- the label has the image's shape and affine, integer values in ``0..num_classes-1``.
+- header (``check_values=False`` checks this alone, from one open that reads a few KB): the file
+  exists, is readable, holds a NIfTI-1 or NIfTI-2 header; the image is 3D (a trailing singleton
+  4th axis is accepted); the voxel spacing in the header is positive and finite, the affine is
+  invertible, the intensity scaling finite; a label has its image's shape and affine;
+- content: nibabel reads it to the end (a truncated ``.nii.gz`` is refused); voxel values are
+  finite (no NaN / Inf); with an intensity ``window`` (the transforms' HU window) some voxel lies
+  above the window's lower end (an all-air volume is refused rather than trained on, because
+  cropping its foreground would leave nothing but padding); label values are integers in
+  ``0..num_classes-1``.
+
+Pre-training checks the headers before any volume is read (``check_datalist`` with
+``split_across_ranks``: each rank checks its share) and the content on the one read that fills
+its cache (``ssl_utils.transforms.LoadCheckedd`` raises ``ContentError``); both report through
+``CheckedDatalist.report``, so the message is the same.
 
 A volume smaller than the ROI is fine: the transforms pad it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -203,50 +209,96 @@ def load_datalist(
 # --------------------------------------------------------------------------------------------
 
 
-def _first_line(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """``"Type: first line of the message"`` of an exception's root cause, for one-line problem reports."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def _raw_pixdim(img: Any, path: str) -> tuple[float, ...] | None:
-    """Spatial voxel sizes as stored in a NIfTI header, before nibabel silently fixes them."""
+def _shown(path: str, raw: str | None) -> str:
+    """A path as messages show it: as written, and resolved when that differs."""
+    return path if raw is None or os.path.normpath(raw) == path else f"{raw!r} (resolved: {path})"
+
+
+def _read_header(path: str) -> tuple[Any, Any]:
+    """``(raw, header)`` of a single-file NIfTI-1 or NIfTI-2, from one open that reads the header
+    alone (a few KB, whatever the volume's size). ``raw`` holds the values as stored; ``header`` is
+    what nibabel's loader makes of them (it repairs some fields, e.g. a zero voxel size, silently),
+    the header the voxels are placed in space with."""
     import nibabel as nib
 
-    if not isinstance(img.header, nib.Nifti1Header):  # Nifti2Header derives from it
-        return None
     with nib.openers.ImageOpener(path) as f:
-        raw = type(img.header).from_fileobj(f, check=False)
-    return tuple(float(z) for z in raw["pixdim"][1:4])
+        block = f.read(nib.Nifti2Header.sizeof_hdr)
+        klass = next((k for k in (nib.Nifti2Header, nib.Nifti1Header) if k.may_contain_header(block)), None)
+        if klass is None:
+            raise ValueError("no NIfTI-1 or NIfTI-2 header")
+        f.seek(0)
+        raw = klass.from_fileobj(f, check=False)
+    return raw, klass(raw.binaryblock, raw.endianness, check=True)
 
 
-def _inspect_file(
-    field: str, path: str, shown: str, check_values: bool, window: tuple[float, float] | None
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """Open one file; return ``(facts, problems)``. ``facts`` has shape, affine, and for labels
-    the voxel values (or ``None`` when the file cannot be used at all)."""
-    import nibabel as nib
+def image_content_problems(data: np.ndarray, window: tuple[float, float] | None,
+                           scale: tuple[float, float] = (1.0, 0.0)) -> list[str]:
+    """What is wrong with an image's voxel values (empty when nothing): NaN or Inf voxels; with the
+    intensity ``window`` (HU), no voxel above its lower end (an all-air volume, whose foreground crop
+    would be nothing but padding). ``data``: the values as stored, ``scale``: (slope, intercept) to HU.
+    Reduces the array without a float copy."""
+    lo, hi = data.min(), data.max()  # NaN propagates, Inf shows up here
+    if np.issubdtype(data.dtype, np.floating) and not (np.isfinite(lo) and np.isfinite(hi)):
+        return [f"{int(np.count_nonzero(~np.isfinite(data)))} voxel(s) are NaN or Inf"]
+    slope, inter = scale
+    top = max(float(lo) * slope + inter, float(hi) * slope + inter)
+    if window is not None and top <= window[0]:
+        return [f"no voxel above {window[0]:g} HU, the lower end of the intensity window [{window[0]:g}, {window[1]:g}] "
+                f"(brightest voxel {top:g}): an all-air volume, whose foreground crop would be nothing but padding"]
+    return []
 
+
+def label_content_problems(label: np.ndarray, num_classes: int | None) -> list[str]:
+    """What is wrong with a label map's values (empty when nothing): NaN or Inf, non-integers, values
+    outside ``0..num_classes-1``."""
+    problems: list[str] = []
+    values = label
+    if np.issubdtype(label.dtype, np.floating):
+        finite = np.isfinite(label)
+        if not finite.all():
+            problems.append(f"{int(np.count_nonzero(~finite))} voxel(s) are NaN or Inf")
+            values = label[finite]
+        fractional = values != np.rint(values)
+        if fractional.any():
+            odd = np.unique(values[fractional])[:5]
+            problems.append(f"labels must be integers, found {[float(v) for v in odd]}")
+    if num_classes is not None and values.size:
+        lo, hi = values.min(), values.max()
+        if lo < 0 or hi > num_classes - 1:
+            outside = np.unique(values[(values < 0) | (values > num_classes - 1)])[:5]
+            shown_values = [int(v) if float(v).is_integer() else float(v) for v in outside]
+            problems.append(f"values must be in 0..{num_classes - 1}, found {shown_values}")
+    return problems
+
+
+def _header_facts(field: str, path: str, shown: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """Read one file's header; return ``(facts, problems)``: shape, affine and intensity scaling,
+    or ``None`` when the file cannot be used at all."""
     if not os.path.exists(path):
         return None, [f"{field} {shown}: file not found"]
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         return None, [f"{field} {shown}: not a readable file"]
     try:
-        img = nib.load(path)
-    except Exception as exc:  # nibabel raises many types for foreign or damaged files
-        return None, [f"{field} {shown}: cannot be read as NIfTI ({_first_line(exc)})"]
-    problems: list[str] = []
-    shape = tuple(int(s) for s in img.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
+        raw, header = _read_header(path)
+    except Exception as exc:  # gzip, nibabel and NumPy raise many types for foreign or damaged files
+        return None, [f"{field} {shown}: cannot be read as NIfTI ({describe_error(exc)})"]
+    full_shape = tuple(int(s) for s in header.get_data_shape())
+    shape = full_shape[:3] if len(full_shape) == 4 and full_shape[3] == 1 else full_shape
     if len(shape) != 3:
-        return None, [f"{field} {shown}: expected a 3D volume, found {len(shape)}D with shape {tuple(img.shape)}"]
-    try:
-        pixdim = _raw_pixdim(img, path)
-    except Exception as exc:
-        return None, [f"{field} {shown}: header cannot be read ({_first_line(exc)})"]
-    if pixdim is None:
-        pixdim = tuple(float(z) for z in img.header.get_zooms()[:3])
-    affine = np.asarray(img.affine, dtype=float)
+        return None, [f"{field} {shown}: expected a 3D volume, found {len(shape)}D with shape {full_shape}"]
+    if not all(shape):
+        return None, [f"{field} {shown}: the volume has no voxels (shape {full_shape})"]
+    problems: list[str] = []
+    pixdim = tuple(float(z) for z in raw["pixdim"][1:4])
+    affine = np.asarray(header.get_best_affine(), dtype=float)
     axes = np.linalg.norm(affine[:3, :3], axis=0)
     if not all(math.isfinite(z) and z > 0 for z in pixdim):
         problems.append(f"{field} {shown}: voxel spacing in the header must be positive, found {pixdim} mm")
@@ -255,61 +307,50 @@ def _inspect_file(
             f"{field} {shown}: the affine is degenerate (voxel axes of length {tuple(np.round(axes, 4).tolist())} mm); "
             "voxels cannot be placed in space"
         )
-    slope = float(getattr(img.dataobj, "slope", 1.0))
-    inter = float(getattr(img.dataobj, "inter", 0.0))
+    try:
+        slope, inter = header.get_slope_inter()
+    except Exception:  # nibabel refuses a finite slope with a non-finite intercept
+        slope, inter = float("nan"), float("nan")
+    slope, inter = (1.0 if slope is None else float(slope)), (0.0 if inter is None else float(inter))
     if not (math.isfinite(slope) and math.isfinite(inter)):
-        problems.append(f"{field} {shown}: intensity scaling in the header is not finite (slope {slope}, intercept {inter})")
+        problems.append(f"{field} {shown}: intensity scaling in the header is not finite "
+                        f"(slope {float(raw['scl_slope'])}, intercept {float(raw['scl_inter'])})")
         return None, problems
-    facts: dict[str, Any] = {"shape": shape, "affine": affine, "values": None}
-    if not check_values:
+    return {"shape": shape, "affine": affine, "scale": (slope, inter), "values": None}, problems
+
+
+def _inspect_file(
+    field: str, path: str, shown: str, check_values: bool, window: tuple[float, float] | None
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Check one file: its header (one open, the header alone), and with ``check_values`` its
+    voxels too. Returns ``(facts, problems)``; ``facts`` has shape, affine and, for a label read in
+    full, its voxel values (``None`` when the file cannot be used at all)."""
+    import nibabel as nib
+
+    facts, problems = _header_facts(field, path, shown)
+    if facts is None or not check_values:
         return facts, problems
     try:
+        img = nib.load(path)
         if field == "label":
             data = np.asanyarray(img.dataobj)  # labels: the scaled values are what matter
         else:  # images: reduce the stored values, scale the two extremes (no float copy)
             getter = getattr(img.dataobj, "get_unscaled", None)
             data = np.asanyarray(getter() if getter else img.dataobj)
     except Exception as exc:
-        return None, problems + [f"{field} {shown}: truncated or corrupt file ({_first_line(exc)})"]
-    if data.size == 0:
-        return None, problems + [f"{field} {shown}: the volume has no voxels (shape {tuple(img.shape)})"]
+        return None, problems + [f"{field} {shown}: truncated or corrupt file ({describe_error(exc)})"]
     if field == "label":
         facts["values"] = data
         return facts, problems
-    lo, hi = data.min(), data.max()  # NaN propagates, Inf shows up here
-    if np.issubdtype(data.dtype, np.floating) and not (np.isfinite(lo) and np.isfinite(hi)):
-        bad = int(np.count_nonzero(~np.isfinite(data)))
-        problems.append(f"{field} {shown}: {bad} voxel(s) are NaN or Inf")
-    elif window is not None:
-        top = max(float(lo) * slope + inter, float(hi) * slope + inter)
-        if top <= window[0]:
-            problems.append(
-                f"{field} {shown}: no voxel above {window[0]:g} HU, the lower end of the intensity window "
-                f"[{window[0]:g}, {window[1]:g}] (brightest voxel {top:g}): an all-air volume, whose foreground "
-                "crop would be nothing but padding"
-            )
-    return facts, problems
+    return facts, problems + [f"{field} {shown}: {p}" for p in image_content_problems(data, window, facts["scale"])]
 
 
-def _check_label(label: np.ndarray, shown: str, num_classes: int | None) -> list[str]:
-    problems: list[str] = []
-    values = label
-    if np.issubdtype(label.dtype, np.floating):
-        finite = np.isfinite(label)
-        if not finite.all():
-            problems.append(f"label {shown}: {int(np.count_nonzero(~finite))} voxel(s) are NaN or Inf")
-            values = label[finite]
-        fractional = values != np.rint(values)
-        if fractional.any():
-            odd = np.unique(values[fractional])[:5]
-            problems.append(f"label {shown}: labels must be integers, found {[float(v) for v in odd]}")
-    if num_classes is not None and values.size:
-        lo, hi = values.min(), values.max()
-        if lo < 0 or hi > num_classes - 1:
-            outside = np.unique(values[(values < 0) | (values > num_classes - 1)])[:5]
-            shown_values = [int(v) if float(v).is_integer() else float(v) for v in outside]
-            problems.append(f"label {shown}: values must be in 0..{num_classes - 1}, found {shown_values}")
-    return problems
+class ContentError(Exception):
+    """A file's voxels cannot be used: ``problems`` is a list of ``(field, what is wrong)``."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{field}: {what}" for field, what in problems))
+        self.problems = problems
 
 
 def check_entry(
@@ -334,8 +375,7 @@ def check_entry(
         if field not in entry:
             continue
         path = entry[field]
-        raw = (written or {}).get(field)
-        shown[field] = path if raw is None or os.path.normpath(raw) == path else f"{raw!r} (resolved: {path})"
+        shown[field] = _shown(path, (written or {}).get(field))
         info, found = _inspect_file(field, path, shown[field], check_values, window if field == "image" else None)
         problems += found
         if info is not None:
@@ -355,7 +395,7 @@ def check_entry(
                         "image and label are not aligned"
                     )
         if lab["values"] is not None:
-            problems += _check_label(lab["values"], label_path, num_classes)
+            problems += [f"label {label_path}: {p}" for p in label_content_problems(lab["values"], num_classes)]
     return problems
 
 
@@ -372,26 +412,24 @@ def _check_many(
     desc: str,
     workers: int | None,
 ) -> list[list[str]]:
-    """``check_entry`` on every job (entry, written), in threads, with a progress bar."""
+    """``check_entry`` on every job (entry, written), in threads (chunks of jobs, so that a long
+    datalist of small files does not pay a thread hand-over per file), with a progress bar."""
     from tqdm.auto import tqdm
 
     workers = workers or _default_workers()
 
-    def one(job: tuple[dict[str, str], dict[str, str]]) -> list[str]:
-        return check_entry(job[0], num_classes=num_classes, check_values=check_values, window=window, written=job[1])
+    def some(chunk: Sequence[tuple[dict[str, str], dict[str, str]]]) -> list[list[str]]:
+        return [check_entry(e, num_classes=num_classes, check_values=check_values, window=window, written=w) for e, w in chunk]
 
+    size = 1 if check_values else 64  # a full read is long enough to be handed over alone
+    chunks = [jobs[i:i + size] for i in range(0, len(jobs), size)]
     bar = tqdm(total=len(jobs), desc=desc, leave=False, disable=not progress)
     results: list[list[str]] = []
     try:
-        if workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                results.append(one(job))
-                bar.update(1)
-        else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for problems in pool.map(one, jobs):
-                    results.append(problems)
-                    bar.update(1)
+        with ThreadPoolExecutor(max_workers=min(workers, max(1, len(chunks)))) as pool:
+            for done in pool.map(some, chunks):
+                results += done
+                bar.update(len(done))
     finally:
         bar.close()
     return results
@@ -423,6 +461,92 @@ def _report(
     log(f"{head}; skipped (skip_bad=True):\n{lines}")
 
 
+@dataclasses.dataclass
+class CheckedDatalist:
+    """A datalist with every entry's problems: what ``check_datalist`` returns.
+
+    ``entries[key][i]`` / ``written[key][i]``: entry ``i`` of ``key``, its paths resolved / as the
+    datalist spells them; ``problems[(key, i)]``: what is wrong with it (absent when nothing).
+    """
+
+    json_path: str
+    root: str
+    entries: dict[str, list[dict[str, str]]]
+    written: dict[str, list[dict[str, str]]]
+    problems: dict[tuple[str, int], list[str]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(len(v) for v in self.entries.values())
+
+    def usable(self, key: str) -> list[tuple[int, dict[str, str]]]:
+        """``(index, entry)`` of every entry of ``key`` without a problem."""
+        return [(i, e) for i, e in enumerate(self.entries[key]) if (key, i) not in self.problems]
+
+    def shown(self, key: str, i: int, field_name: str) -> str:
+        """A path of entry ``i`` as messages show it (as written, and resolved when that differs)."""
+        return _shown(self.entries[key][i][field_name], self.written[key][i].get(field_name))
+
+    def report(self, skip_bad: bool, log: Callable[[str], None], found: Mapping[tuple[str, int], list[str]] | None = None) -> None:
+        """Raise one ``DatalistError`` listing every entry with a problem, or (``skip_bad``) log the
+        list. ``found``: problems found since (e.g. while caching), added to ``problems`` first and
+        the only ones reported; ``None`` reports all of ``problems``."""
+        new = self.problems if found is None else found
+        if found is not None:
+            for where, p in found.items():
+                self.problems[where] = self.problems.get(where, []) + list(p)
+        order = {key: n for n, key in enumerate(self.entries)}
+        bad = [(k, i, new[(k, i)]) for k, i in sorted(new, key=lambda w: (order[w[0]], w[1]))]
+        empty = [key for key in self.entries if not self.usable(key)]
+        _report(self.json_path, self.root, bad, self.total, skip_bad, log, empty)
+
+
+def check_datalist(
+    json_path: str | os.PathLike,
+    data_root: str | os.PathLike | None = None,
+    keys: Sequence[str] = ("training", "validation"),
+    require_label: bool = False,
+    num_classes: int | None = None,
+    window: tuple[float, float] | None = None,
+    check_values: bool = True,
+    progress: bool = True,
+    workers: int | None = None,
+    split_across_ranks: bool = False,
+) -> CheckedDatalist:
+    """Read a datalist and check every file of every ``key``; return every entry with its problems
+    (``preflight_datalist`` is this, then ``CheckedDatalist.report``).
+
+    ``check_values=False`` reads headers only (one open per file, a few KB). With
+    ``split_across_ranks`` inside a ``torch.distributed`` process group each rank checks every
+    W-th entry and the problems are gathered: every rank returns the same result (and when a rank
+    fails, every rank raises its error). Problems of the datalist file itself raise ``DatalistError``.
+    """
+    from .distributed import rank, run_on_all, world_size
+
+    json_path = str(json_path)
+    content = read_datalist_json(json_path)
+    root = _root(json_path, data_root)
+    parsed = {key: _parse_key(content, json_path, root, key, require_label) for key in keys}
+    checked = CheckedDatalist(json_path, root, {k: v[0] for k, v in parsed.items()}, {k: v[1] for k, v in parsed.items()})
+    for key, (_, _, problems) in parsed.items():
+        for i, p in problems:
+            checked.problems.setdefault((key, i), []).append(p)
+    where = [(key, i) for key in keys for i in range(len(checked.entries[key])) if (key, i) not in checked.problems]
+    r, w = (rank(), world_size()) if split_across_ranks else (0, 1)
+    mine = where[r::w]
+    ranks = f" on {w} ranks" if w > 1 else ""
+
+    def check_mine() -> dict[tuple[str, int], list[str]]:
+        jobs = [(checked.entries[k][i], checked.written[k][i]) for k, i in mine]
+        desc = f"checking {os.path.basename(json_path)} ({checked.total} entries{ranks})"
+        results = _check_many(jobs, num_classes if require_label else None, check_values, window, progress, desc, workers)
+        return {at: p for at, p in zip(mine, results) if p}
+
+    for found in run_on_all(check_mine) if w > 1 else [check_mine()]:
+        checked.problems.update(found)
+    return checked
+
+
 def preflight_datalist(
     json_path: str | os.PathLike,
     data_root: str | os.PathLike | None = None,
@@ -446,41 +570,11 @@ def preflight_datalist(
 
     ``num_classes`` (labels in ``0..num_classes-1``) applies when ``require_label``; ``window`` is
     the transforms' HU window ``(a_min, a_max)`` (refuses all-air images); ``workers`` threads
-    read files (default: up to 4).
+    read files (default: up to 4); ``check_values=False`` reads headers only.
     """
-    json_path = str(json_path)
-    content = read_datalist_json(json_path)
-    root = _root(json_path, data_root)
-    parsed = {key: _parse_key(content, json_path, root, key, require_label) for key in keys}
-    jobs: list[tuple[dict[str, str], dict[str, str]]] = []
-    where: list[tuple[str, int]] = []
-    bad: dict[tuple[str, int], list[str]] = {}
-    total = 0
-    for key, (entries, written, problems) in parsed.items():
-        total += len(entries)
-        for i, p in problems:
-            bad.setdefault((key, i), []).append(p)
-        for i, (entry, raw) in enumerate(zip(entries, written)):
-            if (key, i) not in bad:
-                jobs.append((entry, raw))
-                where.append((key, i))
-    results = _check_many(
-        jobs,
-        num_classes if require_label else None,
-        check_values,
-        window,
-        progress,
-        f"checking {os.path.basename(json_path)} ({total} entries)",
-        workers,
-    )
-    for (key, i), problems in zip(where, results):
-        if problems:
-            bad[(key, i)] = problems
-    ordered = sorted(bad.items(), key=lambda kv: (list(parsed).index(kv[0][0]), kv[0][1]))
-    out = {key: [e for i, e in enumerate(parsed[key][0]) if (key, i) not in bad] for key in keys}
-    empty = [key for key in keys if not out[key]]
-    _report(json_path, root, [(k, i, p) for (k, i), p in ordered], total, skip_bad, log, empty)
-    return out
+    checked = check_datalist(json_path, data_root, keys, require_label, num_classes, window, check_values, progress, workers)
+    checked.report(skip_bad, log)
+    return {key: [e for _, e in checked.usable(key)] for key in keys}
 
 
 def preflight(

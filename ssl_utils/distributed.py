@@ -108,6 +108,28 @@ def run_on_main(fn: Callable[[], Any]) -> Any:
     return shared[0]
 
 
+def run_on_all(fn: Callable[[], Any]) -> list:
+    """Run ``fn`` on every rank and give every rank the list of all ranks' results (in rank order);
+    when any rank raises, every rank raises the lowest such rank's exception (same type where it
+    is one of ours, same message), so work split across ranks stops all of them together."""
+    if world_size() == 1:
+        return [fn()]
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # re-raised below, on every rank
+        error = exc
+    shared: list = [None] * world_size()
+    described = None if error is None else (type(error).__module__, type(error).__name__, str(error))
+    dist.all_gather_object(shared, (result, described))
+    for r, (_, failed) in enumerate(shared):
+        if failed is not None:
+            if r == rank():
+                raise error
+            raise _rebuild_error(*failed)
+    return [res for res, _ in shared]
+
+
 def _rebuild_error(module: str, name: str, message: str) -> Exception:
     import importlib
 

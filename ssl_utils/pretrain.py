@@ -23,8 +23,8 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ARCH_KEYS, Config, config_differences, get_config
-from .datasets import SeededCacheDataset, mix_seed, plain_tensor, pretrain_datasets
-from .distributed import all_reduce_mean, all_reduce_sum, barrier, is_main, rank, run_on_main, shard, world_size, wrap_ddp
+from .datasets import SeededCacheDataset, mix_seed, plain_tensor, pretrain_data
+from .distributed import all_reduce_mean, all_reduce_sum, barrier, is_main, rank, run_on_main, world_size, wrap_ddp
 from .engine import Result, RunState, TrainingDiverged, check_finite, check_weights_finite, setup_run, train_step
 from .io import write_csv, write_json
 from .losses import ssl_loss
@@ -170,27 +170,17 @@ def _resume_checkpoint(resume: bool, path: str, cfg: Config, say: Callable[[str]
 
 def _load_data(cfg: Config, data_root, json_path, cohort_root, skip_bad: bool, progress: bool, say,
                device: torch.device) -> _Data:
-    """Check every datalist entry (rank 0; the others receive its verdict), shard, cache, loaders."""
+    """Every datalist entry's header checked (split across ranks), this rank's shard read once into
+    its cache with the content checked on that read (``ssl_utils.datasets.pretrain_data``), loaders."""
     from monai.data import DataLoader
     from torch.utils.data import DistributedSampler
 
-    from .data import preflight_datalist
-
     data_root, json_path = resolve_ssl_data(cfg, data_root, json_path, cohort_root)
-    checked = run_on_main(lambda: preflight_datalist(
-        json_path, data_root, keys=("training", "validation"), window=(cfg["ssl_a_min"], cfg["ssl_a_max"]),
-        skip_bad=skip_bad, progress=progress, log=say,
-    ))
-    rank_, world = rank(), world_size()
-    train_local = shard(checked["training"], rank_, world, cfg["seed"], pad=True)
-    val_local = shard(checked["validation"], rank_, world, cfg["seed"], pad=False)
-    train_ds, val_ds = pretrain_datasets(cfg, train_local, val_local, progress=progress)
-    if world > 1:  # item i of every rank's shard would otherwise get the same crops and holes
-        train_ds.seed = mix_seed(cfg["seed"], rank_)
-    sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=mix_seed(cfg["seed"], rank_))
+    train_ds, val_ds, n_train, n_val = pretrain_data(cfg, json_path, data_root, skip_bad=skip_bad, progress=progress, log=say)
+    sampler = DistributedSampler(train_ds, num_replicas=1, rank=0, shuffle=True, seed=mix_seed(cfg["seed"], rank()))
     kw = dict(batch_size=cfg["ssl_batch_size"], num_workers=cfg["num_workers"], pin_memory=device.type == "cuda")
     return _Data(train_ds, val_ds, DataLoader(train_ds, sampler=sampler, **kw), DataLoader(val_ds, shuffle=False, **kw),
-                 sampler, len(checked["training"]), len(checked["validation"]))
+                 sampler, n_train, n_val)
 
 
 def _probe_monitor(cfg: Config, probe_json, probe_data_root, data_root, cohort_root, precision: Precision, say):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import monai
 from monai import transforms as T
+
+from .data import ContentError, describe_error, image_content_problems, label_content_problems
 
 
 def _roi(cfg: dict[str, Any]) -> tuple[int, int, int]:
@@ -48,10 +51,44 @@ def view_augmentation(cfg: dict[str, Any], key: str) -> list:
     ]
 
 
-def pretrain_deterministic(cfg: dict[str, Any]) -> list:
-    """Load, channel first, resample (mm), window HU to [0, 1], crop foreground, pad to the ROI."""
+class LoadCheckedd(T.MapTransform):
+    """``LoadImaged`` that checks what it read, on that same read, and otherwise returns exactly
+    what ``LoadImaged`` returns: an image's voxels are finite and (with the HU ``window``) not all
+    air; a label's values (keys named ``label``) are integers in ``0..num_classes-1``. Raises
+    ``ssl_utils.data.ContentError`` listing every problem, a file that cannot be read included, so
+    the cache fill can name the entry instead of stopping at a stack trace."""
+
+    def __init__(self, keys, window: tuple[float, float] | None = None, num_classes: int | None = None) -> None:
+        super().__init__(keys)
+        self.window, self.num_classes = window, num_classes
+        self.loaders = {key: T.LoadImaged(keys=[key], image_only=True) for key in self.keys}
+
+    def __call__(self, data):
+        d, problems = dict(data), []
+        for key in self.keys:
+            try:
+                d = self.loaders[key](d)
+            except Exception as exc:  # nibabel, gzip and zlib raise many types for damaged files
+                problems.append((key, f"truncated or corrupt file ({describe_error(exc)})"))
+                continue
+            values = d[key].as_tensor().numpy()
+            found = label_content_problems(values, self.num_classes) if key == "label" else image_content_problems(values, self.window)
+            problems += [(key, p) for p in found]
+        if problems:
+            raise ContentError(problems)
+        return d
+
+
+def pretrain_deterministic(cfg: dict[str, Any], checked: bool = False) -> list:
+    """Load, channel first, resample (mm), window HU to [0, 1], crop foreground, pad to the ROI.
+
+    ``checked``: load with ``LoadCheckedd``, which checks each volume's voxels on the read (what
+    the pre-training cache fill does); the output is the same.
+    """
+    load = (LoadCheckedd(keys=["image"], window=(cfg["ssl_a_min"], cfg["ssl_a_max"])) if checked
+            else T.LoadImaged(keys=["image"], image_only=True))
     return [
-        T.LoadImaged(keys=["image"], image_only=True),
+        load,
         T.EnsureChannelFirstd(keys=["image"]),
         T.Spacingd(keys=["image"], pixdim=tuple(cfg["ssl_spacing"]), mode="bilinear"),
         T.ScaleIntensityRanged(
@@ -79,13 +116,21 @@ def pretrain_random(cfg: dict[str, Any]) -> list:
     ]
 
 
-def pretrain_transforms(cfg: dict[str, Any]) -> T.Compose:
+def pretrain_transforms(cfg: dict[str, Any], checked: bool = False) -> T.Compose:
     """The full two-view pre-training chain (deterministic stage first, then the random stage).
 
     Output per crop: ``image`` (view 1), ``image_2`` (view 2), ``gt_image`` (the clean crop),
-    each ``[1, roi, roi, roi]`` float in [0, 1].
+    each ``[1, roi, roi, roi]`` float in [0, 1]. ``checked``: see ``pretrain_deterministic``.
     """
-    return T.Compose(pretrain_deterministic(cfg) + pretrain_random(cfg))
+    return T.Compose(pretrain_deterministic(cfg, checked) + pretrain_random(cfg))
+
+
+def pretrain_cache_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``pretrain_deterministic``'s output depends on besides the file itself: part of
+    the disk cache's key, so a cached volume is reused only by a chain that would recompute it
+    identically. Change it with the chain."""
+    return {"stage": "pretrain_deterministic", "monai": monai.__version__, "ssl_spacing": list(cfg["ssl_spacing"]),
+            "ssl_a_min": cfg["ssl_a_min"], "ssl_a_max": cfg["ssl_a_max"], "roi": cfg["roi"]}
 
 
 def finetune_deterministic(cfg: dict[str, Any]) -> list:

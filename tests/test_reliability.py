@@ -272,6 +272,8 @@ def test_odd_but_valid_inputs_train(ssl_root, tmp_path):
 
 
 def test_every_bad_entry_listed_at_once_and_skip_bad_trains_on_the_rest(ssl_root, tmp_path, capsys):
+    """Headers are checked before any volume is read: their problems are listed together first; the
+    content problems (a truncated file, an all-air volume) together once the volumes are read."""
     data = ssl_root / "data"
     raw = (data / "volume-synth-0003.nii.gz").read_bytes()
     (data / "cut.nii.gz").write_bytes(raw[: len(raw) // 3])
@@ -285,17 +287,24 @@ def test_every_bad_entry_listed_at_once_and_skip_bad_trains_on_the_rest(ssl_root
     with pytest.raises(DatalistError) as info:
         pretrain("smoke", str(ssl_root), str(json_path), str(logdir), device="cpu", progress=True, log=print)
     msg = str(info.value)
-    assert "4 of 8 entries cannot be used" in msg, msg
-    for where in ("training entry 1:", "training entry 3:", "training entry 4:", "validation entry 1:"):
-        assert where in msg, msg
-    assert "skip_bad=True" in msg
+    assert "2 of 8 entries cannot be used" in msg, msg
+    assert "training entry 1:" in msg and "training entry 4:" in msg and "skip_bad=True" in msg, msg
     assert "checking dataset.json (8 entries)" in capsys.readouterr().err  # the progress bar
+    assert not (logdir / "last_model.pt").exists()
+
+    content_only = {"training": [vol(0), vol(1), {"image": "data/cut.nii.gz"}, vol(2)], "validation": [vol(4), {"image": "data/air.nii.gz"}]}
+    with pytest.raises(DatalistError) as info:
+        pretrain("smoke", str(ssl_root), str(write_json(tmp_path / "content.json", content_only)), str(logdir), device="cpu", **QUIET)
+    msg = str(info.value)
+    assert "2 of 6 entries cannot be used" in msg and "skip_bad=True" in msg, msg
+    assert f"training entry 2: image 'data/cut.nii.gz' (resolved: {data / 'cut.nii.gz'}): truncated or corrupt file (EOFError" in msg, msg
+    assert f"validation entry 1: image 'data/air.nii.gz' (resolved: {data / 'air.nii.gz'}): no voxel above -57 HU" in msg, msg
     assert not (logdir / "last_model.pt").exists()
 
     lines: list[str] = []
     out = pretrain("smoke", str(ssl_root), str(json_path), str(logdir), epochs=1, skip_bad=True, device="cpu",
                    progress=False, log=lines.append)
-    skipped = next(line for line in lines if "skipped" in line)
+    skipped = "\n".join(line for line in lines if "skipped" in line)
     for where in ("training entry 1:", "training entry 3:", "training entry 4:", "validation entry 1:"):
         assert where in skipped, skipped
     assert len(out["train_dataset"]) == 3 and len(out["val_dataset"]) == 1

@@ -36,7 +36,7 @@ from .inputs import EpochSampler, config_for_classes, resolve_ft_data
 BEST_NAME = "best_model.pt"
 LAST_NAME = "last_model.pt"
 # Settings that may differ when resume="auto" reuses a run (they do not change its result).
-_RUN_IGNORE = ("preset", "num_workers", "cache_rate")
+_RUN_IGNORE = ("preset", "num_workers", "cache_rate", "cache", "cache_dir")
 # Settings that must agree between a fine-tuning checkpoint and a run that resumes from it.
 FT_RESUME_KEYS = ARCH_KEYS + ("feature_size", "out_channels", "norm_name", "res_block", "ft_num_samples", "ft_batch_size")
 _COUNTERS = ("iteration", "epoch", "step_in_epoch", "history", "train_losses", "best_dice")
