@@ -247,7 +247,6 @@ def demo_setup(code: str, cohort_root: str, logdir: str) -> float:
 
 def demo_comparison(work: str, baseline: str | None, repeats: int) -> dict[str, Any]:
     """Median demo set-up with this code and the baseline (alternating, so drift hits both)."""
-    sys.path.insert(0, ROOT)
     from ssl_utils import get_config
     from ssl_utils.synthetic import make_cohort_from_config
 
@@ -504,7 +503,6 @@ def main(argv: list[str] | None = None) -> int:
         write_report(result, args.out)
         write_figure(result, args.out)
         return 0
-    sys.path.insert(0, ROOT)
     work = os.path.abspath(args.work)
     t0 = time.perf_counter()
     lists = datalists(work, args.sizes)

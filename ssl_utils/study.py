@@ -27,7 +27,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -684,7 +683,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue a study from the records in DIR (written by --save_state, e.g. on another machine)")
     args = parser.parse_args(argv)
     if args.save_state:
-        sys.path.insert(0, REPO)
         save_state(args.out, args.save_state, cohort_root=args.cohort_root)
         return 0
     overrides: dict[str, Any] = dict(STUDY_OVERRIDES) if args.preset == "demo" else {}
@@ -696,7 +694,6 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
-    sys.path.insert(0, REPO)
     run_study(args.out, args.preset, args.seeds, args.ssl_epochs, args.train_sizes, cohort_root=args.cohort_root,
               overrides=overrides,
               progress=not args.no_progress, workers=args.workers, from_state=args.from_state, arms=args.arms)
