@@ -117,8 +117,25 @@ def run_pretext_sweep(out: str, only: list[str] | None = None, runs_root: str = 
             log(f"[{name}] best val {saved['best_val']:.4f} = {saved['ratio']:.2f} x {saved['baseline']}; probe Dice "
                 f"{100 * saved['probe_dice']:.1f}% (untrained {100 * saved['probe_dice_init']:.1f}%); {saved['seconds']:.0f} s")
         rows.append(saved)
+    return write_table(out, cohort_root)
+
+
+def write_table(out: str, cohort_root: str = "data/synthetic") -> list[dict[str, Any]]:
+    """``sweep.md`` / ``sweep.json`` from the settings finished so far, in ``PRETEXT_SETTINGS`` order; the
+    settings not yet run are listed as such under the table."""
+    import json
+
+    rows, missing = [], []
+    for name, _, _ in PRETEXT_SETTINGS:
+        path = os.path.join(out, "settings", f"{name}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+        else:
+            missing.append(name)
     write_json(os.path.join(out, "sweep.json"), rows)
-    write_text(os.path.join(out, "sweep.md"), _header(cohort_root) + pretext_table(rows))
+    note = f"\nNot run yet: {', '.join(missing)}.\n" if missing else ""
+    write_text(os.path.join(out, "sweep.md"), _header(cohort_root) + pretext_table(rows) + note)
     return rows
 
 
@@ -168,7 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/pretext_sweep", help="checkpoints and histories")
     parser.add_argument("--only", nargs="*", default=None, help="run only these settings")
     parser.add_argument("--cohort_root", default="data/synthetic", help="the embedded cohort's folder")
+    parser.add_argument("--table_only", action="store_true",
+                        help="write sweep.md / sweep.json from the finished settings only (nothing runs)")
     args = parser.parse_args(argv)
+    if args.table_only:
+        write_table(args.out, args.cohort_root)
+        return 0
     run_pretext_sweep(args.out, args.only, args.runs, args.cohort_root)
     return 0
 
