@@ -3,6 +3,7 @@
     python -m ssl_utils.sweeps pretrain --out results/ssl_sweep            # every setting
     python -m ssl_utils.sweeps pretrain --out results/ssl_sweep --only h192_lr1e-3
     python -m ssl_utils.sweeps finetune --out results/ft_sweep             # fine-tuning, tuning split only
+    python -m ssl_utils.sweeps precision --out results/precision           # bf16 against fp32, part by part
 
 ``pretrain``: each setting is the demo preset with a few overrides, pre-trained on the embedded
 cohort's unlabeled *training* volumes and scored on its unlabeled *validation* volumes only
@@ -11,6 +12,12 @@ the best L1 as a multiple of the constant, and the wall time. No labeled volume 
 Finished settings are reused (``<out>/settings/<name>.json``), so an interrupted sweep continues
 where it stopped. The table is ``<out>/sweep.md``, the data ``<out>/sweep.json``; checkpoints and
 histories go under ``--runs`` (default ``runs/ssl_sweep``).
+
+``precision``: the demo preset's pre-training as it is, in fp32, in bf16 autocast with no part
+kept in fp32, and in bf16 with one part at a time kept in fp32 (``fp32_parts``); fp32 and bf16 also
+at two more seeds (the control: a run that escapes the reconstruction plateau by seed luck looks
+like a precision effect). Each row also has the one-batch relative error of the encoder's gradient
+against fp64 (``gradient_error``). Same files as ``pretrain`` (under ``results/precision``).
 
 ``finetune``: each setting is the demo preset with ``FT_SWEEP_BASE`` and a few overrides, fine-tuned
 from random initialisation (the pre-trained encoder plays no part in the choice) on the largest
@@ -100,10 +107,13 @@ def _saved_row(settings_dir: str, name: str, overrides: dict[str, Any], log) -> 
 
 def run_pretrain_sweep(out: str, only: list[str] | None = None, runs_root: str = "runs/ssl_sweep",
                        cohort_root: str = "data/synthetic", log=print, preset: str = "demo",
-                       settings: list[tuple[str, dict[str, Any], str]] | None = None) -> list[dict[str, Any]]:
+                       settings: list[tuple[str, dict[str, Any], str]] | None = None,
+                       base: dict[str, Any] | None = None, header=None, table=None, extra=None) -> list[dict[str, Any]]:
     """Run (or reuse) every setting of ``settings`` (default ``PRETRAIN_SETTINGS``; those named in
-    ``only``), each as ``preset`` with its overrides. A setting's saved row is reused when its
-    overrides are unchanged."""
+    ``only``), each as ``preset`` with ``base`` (default ``SWEEP_BASE`` for the demo preset) and its
+    overrides. A setting's saved row is reused when its overrides are unchanged. ``header(cohort_root)``
+    and ``table(rows)`` write ``sweep.md`` (default: the recipe sweep's); ``extra(cfg, result)`` adds
+    entries to a row."""
     from .config import get_config
     from .pretrain import pretrain
 
@@ -118,18 +128,22 @@ def run_pretrain_sweep(out: str, only: list[str] | None = None, runs_root: str =
             rows.append(saved)
             continue
         path = os.path.join(settings_dir, f"{name}.json")
-        cfg = get_config(preset, **{**(SWEEP_BASE if preset == "demo" else {}), **overrides})
+        if base is None:
+            base = SWEEP_BASE if preset == "demo" else {}
+        cfg = get_config(preset, **{**base, **overrides})
         log(f"[{name}] {why}: {overrides}")
         t0 = time.perf_counter()
         result = pretrain(cfg, logdir=os.path.join(runs_root, name), cohort_root=cohort_root, progress=False,
                           log=lambda msg: None)
         row = _row(name, overrides, why, result, time.perf_counter() - t0)
+        if extra is not None:
+            row.update(extra(cfg, result))
         write_json(path, row)
         log(f"[{name}] best val L1 {row['best_val_l1']:.4f} = {row['ratio_to_const']:.2f} x constant "
             f"({row['const_l1']:.4f}); {row['seconds']:.0f} s")
         rows.append(row)
     write_json(os.path.join(out, "sweep.json"), rows)
-    write_text(os.path.join(out, "sweep.md"), _sweep_header(cohort_root) + pretrain_table(rows))
+    write_text(os.path.join(out, "sweep.md"), (header or _sweep_header)(cohort_root) + (table or pretrain_table)(rows))
     return rows
 
 
@@ -162,6 +176,138 @@ def pretrain_table(rows: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {changes} | {r['epochs']} | {r['best_val_l1']:.4f} / {r['best_val_l1_view2']:.4f} "
             f"(epoch {r['best_epoch']}) | {r['const_l1']:.4f} | {r['copy_l1_1']:.4f} / {r['copy_l1_2']:.4f} | "
             f"**{r['ratio_to_const']:.2f}** | {r['precision']} | {r['s_per_epoch']:.1f} | {r['seconds']:.0f} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+# ---- precision --------------------------------------------------------------------------------------
+# The demo preset's pre-training as it is (60 epochs, temperature 1, Adam 1e-3, warm-up and cosine), without the
+# probe monitor; each setting names its precision and the parts kept in fp32 under bf16 autocast.
+PRECISION_BASE: dict[str, Any] = dict(probe_every=0)
+_FP32, _BF16 = dict(ssl_amp="off", fp32_parts=()), dict(ssl_amp="bf16")
+PRECISION_SEEDS = (1, 2)  # the control seeds, beside the preset's own (123)
+
+PRECISION_SETTINGS: list[tuple[str, dict[str, Any], str]] = [
+    ("fp32", _FP32, "fp32 throughout"),
+    ("bf16", dict(_BF16, fp32_parts=()), "bf16 autocast as it was: every matmul and convolution in bf16"),
+    ("bf16_layernorm", dict(_BF16, fp32_parts=("layernorm",)), "LayerNorms in fp32"),
+    ("bf16_attention", dict(_BF16, fp32_parts=("attention",)), "self-attention (qkv, SDPA, output projection) in fp32"),
+    ("bf16_mlp", dict(_BF16, fp32_parts=("mlp",)), "MLP blocks (both linear layers, the recomputed GELU) in fp32"),
+    ("bf16_head", dict(_BF16, fp32_parts=("head_deconv1", "head_deconv2")),
+     "the transposed-convolution reconstruction head in fp32"),
+    ("bf16_loss_inputs", dict(_BF16, fp32_parts=("head_deconv2",)),
+     "the loss's input (the head's last layer, the reconstruction) computed in fp32"),
+    ("bf16_head_deconv1", dict(_BF16, fp32_parts=("head_deconv1",)),
+     "the head's first layer alone in fp32 (tokens -> 16 channels, kernel 4)"),
+    *[(f"{name}_seed{seed}", dict(overrides, seed=seed), f"{name} at seed {seed} (control)")
+      for seed in PRECISION_SEEDS
+      for name, overrides in (("fp32", _FP32), ("bf16", dict(_BF16, fp32_parts=())),
+                              ("bf16_head_deconv1", dict(_BF16, fp32_parts=("head_deconv1",))))],
+]
+
+
+def gradient_error(cfg, batch: dict[str, torch.Tensor], precision=None) -> dict[str, float]:
+    """How far one batch's gradient under ``cfg``'s pre-training precision is from fp64's.
+
+    ViTAutoEnc is built at ``cfg``'s seed with ``apply_speedups`` (so with ``fp32_parts``); the same
+    weights run once in fp64 and once in the run's precision (``ssl_precision(cfg)``, or
+    ``precision``), through ``ssl_forward`` on ``batch``. Returns the median and the largest relative
+    error ``|g - g64| / |g64|`` over the encoder's parameters (all but the reconstruction head) and the
+    median over the head's. bf16 rounding gives about 1e-2; an error near 1 is a wrong gradient.
+    """
+    import copy
+
+    from .models import build_vitautoenc
+    from .pretrain import ssl_forward, ssl_precision
+    from .runtime import Precision
+    from .speedups import apply_speedups
+
+    device = torch.device("cpu")
+    precision = precision or ssl_precision(cfg, device)
+    torch.manual_seed(cfg["seed"])
+    model = apply_speedups(build_vitautoenc(cfg), cfg, device)
+    reference = copy.deepcopy(model).double()
+
+    def grads(net, prec, dtype):
+        net.zero_grad(set_to_none=True)
+        ssl_forward(net, {k: batch[k].to(dtype) for k in ("image", "image_2", "gt_image")}, cfg, prec)[0].backward()
+        return {n: p.grad.double() for n, p in net.named_parameters() if p.grad is not None}
+
+    ref, got = grads(reference, Precision(device, None), torch.float64), grads(model, precision, torch.float32)
+    errors = {n: float((got[n] - ref[n]).norm() / ref[n].norm().clamp_min(1e-30)) for n in ref}
+    encoder = [e for n, e in errors.items() if not n.startswith("conv3d_transpose")]
+    head = [e for n, e in errors.items() if n.startswith("conv3d_transpose")]
+    return {"grad_error_encoder_median": float(np.median(encoder)), "grad_error_encoder_max": float(max(encoder)),
+            "grad_error_head_median": float(np.median(head)) if head else float("nan")}
+
+
+def _first_val_batch(cfg, dataset) -> dict[str, torch.Tensor]:
+    from monai.data import DataLoader
+
+    from .datasets import plain_tensor
+
+    batch = next(iter(DataLoader(dataset, batch_size=cfg["ssl_batch_size"], shuffle=False)))
+    return {k: plain_tensor(batch[k]).float() for k in ("image", "image_2", "gt_image")}
+
+
+def _precision_extra(cfg, result) -> dict[str, Any]:
+    """The precision sweep's extra entries: seed, parts in fp32, threads, the gradient error."""
+    return {"seed": cfg["seed"], "fp32_parts": list(cfg["fp32_parts"]) if result.precision.dtype is not None else [],
+            "threads": int(torch.get_num_threads()),
+            **gradient_error(cfg, _first_val_batch(cfg, result.val_dataset), result.precision)}
+
+
+def run_precision_sweep(out: str = "results/precision", only: list[str] | None = None,
+                        runs_root: str = "runs/precision", cohort_root: str = "data/synthetic", log=print,
+                        preset: str = "demo") -> list[dict[str, Any]]:
+    """The bisection of bf16 against fp32 on ``preset``'s pre-training (``PRECISION_SETTINGS``)."""
+    return run_pretrain_sweep(out, only, runs_root, cohort_root, log, preset, settings=PRECISION_SETTINGS,
+                              base=PRECISION_BASE, header=lambda root: _precision_header(root, preset), table=precision_table,
+                              extra=_precision_extra)
+
+
+def _precision_header(cohort_root: str, preset: str = "demo") -> str:
+    from .config import get_config
+    from .runtime import cpu_model, cpu_supports_bf16
+
+    cfg = get_config(preset, **PRECISION_BASE)
+    cohort = _cohort_meta(cohort_root)
+    return (
+        f"# Mixed precision: bf16 against fp32, part by part ({preset} pre-training)\n\n"
+        f"Each row is the {preset} preset's pre-training as it is ({cfg['ssl_epochs']} epochs, Adam {cfg['ssl_lr']:g} "
+        f"with {cfg['warmup_epochs']}-epoch warm-up and cosine decay, temperature {cfg['temperature']:g}, "
+        f"{cfg['ssl_batch_size']} volumes x {cfg['ssl_num_samples']} crops of {cfg['roi']}^3 per step, ViT hidden "
+        f"{cfg['hidden_size']}) with the precision named: fp32, or bf16 autocast with the listed parts kept in "
+        "fp32 (`fp32_parts`). Seed 123 unless named; the validation views are fixed (val_seed "
+        f"{cfg['val_seed']}) for every row. Data: the embedded cohort's unlabeled {cohort.get('unlabeled_kind', '?')} CT, "
+        f"{cohort.get('n_unlabeled', '?')} volumes of which {cohort.get('n_unlabeled_val', '?')} validation; every "
+        "number is on the validation volumes (no labeled volume is read).\n\n"
+        "'best / constant': the best validation L1 of view 1 divided by the L1 of predicting each crop's mean on "
+        "the same views; 'vs fp32': the best validation L1 against the fp32 run of the same seed. 'grad error': "
+        "one validation batch through the untrained model at the row's seed and precision, the relative error "
+        "|g - g64| / |g64| of each parameter's gradient against fp64, median (max) over the encoder's parameters "
+        "(everything but the reconstruction head); bf16 rounding alone gives about 1e-2.\n\n"
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, bf16 support: {cpu_supports_bf16()}; torch "
+        f"{torch.__version__}; {torch.get_num_threads()} threads, one run at a time; table written "
+        f"{time.strftime('%Y-%m-%d')}. Other work shared the machine during parts of the sweep, so the times per "
+        "epoch are indicative (fp32 against bf16 was re-measured step by step in benchmarks/results/). Re-run: "
+        "`python -m ssl_utils.sweeps precision --out results/precision` (finished settings are reused).\n\n"
+    )
+
+
+def precision_table(rows: list[dict[str, Any]]) -> str:
+    fp32 = {r.get("seed"): r["best_val_l1"] for r in rows if r["precision"] == "fp32"}
+    head = ("| setting | precision | kept in fp32 | seed | best val L1 (epoch) | best / constant | vs fp32 | "
+            "grad error, encoder median (max) | s per epoch | total s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        ref = fp32.get(r.get("seed"))
+        vs = f"{100 * (r['best_val_l1'] / ref - 1):+.1f}%" if ref else "-"
+        parts = ", ".join(r.get("fp32_parts") or []) or "-"
+        lines.append(
+            f"| {r['name']} | {r['precision']} | {parts} | {r.get('seed', '?')} | {r['best_val_l1']:.4f} "
+            f"({r['best_epoch']}) | **{r['ratio_to_const']:.2f}** | {vs} | {r['grad_error_encoder_median']:.1e} "
+            f"({r['grad_error_encoder_max']:.1e}) | {r['s_per_epoch']:.2f} | {r['seconds']:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -355,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="setting names to run (default: all)")
     p.add_argument("--runs", default="runs/ssl_sweep", help="folder for the runs' checkpoints (default: runs/ssl_sweep)")
     p.add_argument("--cohort_root", default="data/synthetic", help="where the embedded cohort is (default: data/synthetic)")
+    q = sub.add_parser("precision", help="bf16 against fp32 on the demo's pre-training, part by part")
+    q.add_argument("--out", default="results/precision", help="folder for the table and the data (default: results/precision)")
+    q.add_argument("--only", nargs="*", help="setting names to run (default: all)")
+    q.add_argument("--runs", default="runs/precision", help="folder for the runs' checkpoints (default: runs/precision)")
+    q.add_argument("--cohort_root", default="data/synthetic", help="where the embedded cohort is (default: data/synthetic)")
     f = sub.add_parser("finetune", help="the fine-tuning recipe sweep (random init, labeled tuning split only)")
     f.add_argument("--out", default="results/ft_sweep", help="folder for the table, figure and data (default: results/ft_sweep)")
     f.add_argument("--only", nargs="*", help="setting names to run (default: all)")
@@ -365,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "finetune":
         rows = run_finetune_sweep(args.out, args.only, args.runs, args.cohort_root, workers=args.workers)
         print(finetune_table(rows))
+        return 0
+    if args.what == "precision":
+        rows = run_precision_sweep(args.out, args.only, args.runs, args.cohort_root)
+        print(precision_table(rows))
         return 0
     rows = run_pretrain_sweep(args.out, args.only, args.runs, args.cohort_root)
     print(pretrain_table(rows))
