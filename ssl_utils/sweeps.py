@@ -4,6 +4,7 @@
     python -m ssl_utils.sweeps pretrain --out results/ssl_sweep --only h192_lr1e-3
     python -m ssl_utils.sweeps finetune --out results/ft_sweep             # fine-tuning, tuning split only
     python -m ssl_utils.sweeps precision --out results/precision           # bf16 against fp32, part by part
+    python -m ssl_utils.sweeps temperature --out results/precision         # the loss terms' gradients
 
 ``pretrain``: each setting is the demo preset with a few overrides, pre-trained on the embedded
 cohort's unlabeled *training* volumes and scored on its unlabeled *validation* volumes only
@@ -18,6 +19,11 @@ kept in fp32, and in bf16 with one part at a time kept in fp32 (``fp32_parts``);
 at two more seeds (the control: a run that escapes the reconstruction plateau by seed luck looks
 like a precision effect). Each row also has the one-batch relative error of the encoder's gradient
 against fp64 (``gradient_error``). Same files as ``pretrain`` (under ``results/precision``).
+
+``temperature``: the demo pre-training (fp32) at the reference's temperature 0.05 and at the demo's 1.0;
+after epochs 0 (untrained), 1, 5, 20 and 60 the gradient of each term of ``r + c * r`` on the unlabeled
+validation crops: ``(1 + c) grad r`` and ``r grad c`` (their norms, ratio and cosine). Table
+``<out>/temperature.md``, data ``<out>/temperature.json``.
 
 ``finetune``: each setting is the demo preset with ``FT_SWEEP_BASE`` and a few overrides, fine-tuned
 from random initialisation (the pre-trained encoder plays no part in the choice) on the largest
@@ -312,6 +318,116 @@ def precision_table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+# ---- the loss terms' gradients at two temperatures ------------------------------------------------
+TEMPERATURES = (0.05, 1.0)
+TEMPERATURE_EPOCHS = (0, 1, 5, 20, 60)  # gradients measured after these epochs (0: the untrained model)
+
+
+def loss_term_gradients(model, batch: dict[str, torch.Tensor], cfg, precision) -> dict[str, float]:
+    """The two terms of the gradient of ``r + c * r`` on ``batch``: ``(1 + c) grad r`` (reconstruction)
+    and ``r grad c`` (contrastive), over all parameters and over the encoder alone (all but the
+    reconstruction head): their norms, the ratio contrastive / reconstruction and their cosine."""
+    from .pretrain import ssl_forward
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    _, r, c, _, _ = ssl_forward(model, batch, cfg, precision)
+    grad_r = torch.autograd.grad(r, params, retain_graph=True, allow_unused=True)
+    grad_c = torch.autograd.grad(c, params, allow_unused=True)
+    grad_r, grad_c = ([torch.zeros_like(p) if g is None else g for g, p in zip(gs, params)] for gs in (grad_r, grad_c))
+    out: dict[str, float] = {"r": float(r.detach()), "c": float(c.detach())}
+    encoder = [i for i, (n, _) in enumerate(named) if not n.startswith("conv3d_transpose")]
+    for scope, idx in (("all", range(len(named))), ("encoder", encoder)):
+        a = (1 + float(c)) * torch.cat([grad_r[i].reshape(-1) for i in idx]).double()
+        b = float(r) * torch.cat([grad_c[i].reshape(-1) for i in idx]).double()
+        out[f"{scope}_recon_term"], out[f"{scope}_contrastive_term"] = float(a.norm()), float(b.norm())
+        out[f"{scope}_ratio"] = float(b.norm() / a.norm().clamp_min(1e-30))
+        out[f"{scope}_cosine"] = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    return out
+
+
+def _validation_batch(cfg, dataset) -> dict[str, torch.Tensor]:
+    """Every validation crop in one batch (fixed views)."""
+    from monai.data import DataLoader
+
+    from .datasets import plain_tensor
+
+    parts = list(DataLoader(dataset, batch_size=cfg["ssl_batch_size"], shuffle=False))
+    return {k: torch.cat([plain_tensor(b[k]).float() for b in parts]) for k in ("image", "image_2", "gt_image")}
+
+
+def run_temperature_gradients(out: str = "results/precision", runs_root: str = "runs/temperature",
+                              cohort_root: str = "data/synthetic", log=print) -> list[dict[str, Any]]:
+    """Pre-train the demo recipe (fp32) at each of ``TEMPERATURES``, stopping after each of
+    ``TEMPERATURE_EPOCHS`` (and resuming: the same weights as one uninterrupted run), then measure
+    ``loss_term_gradients`` of every stored state on all validation crops. Each temperature's run
+    starts afresh under ``runs_root``."""
+    import shutil
+
+    from .config import get_config
+    from .models import build_vitautoenc
+    from .pretrain import pretrain
+    from .runtime import Precision
+
+    rows = []
+    for temperature in TEMPERATURES:
+        cfg = get_config("demo", **PRECISION_BASE, temperature=temperature, ssl_amp="off")
+        logdir = os.path.join(runs_root, f"t{temperature:g}")
+        shutil.rmtree(logdir, ignore_errors=True)  # stop_after counts from epoch 0
+        torch.manual_seed(cfg["seed"])
+        states = [(0, build_vitautoenc(cfg).state_dict(), None)]  # the weights pretrain starts from
+        val_ds = None
+        for epoch in TEMPERATURE_EPOCHS[1:]:
+            result = pretrain(cfg, logdir=logdir, resume=True, stop_after=epoch, cohort_root=cohort_root,
+                              progress=False, log=lambda msg: None)
+            last = result.history[-1]
+            ratio = last["val_recon"] / last["val_const_l1"] if "val_recon" in last else None
+            states.append((epoch, {k: v.detach().clone() for k, v in result.model.state_dict().items()}, ratio))
+            val_ds = result.val_dataset
+        batch = _validation_batch(cfg, val_ds)
+        for epoch, state, ratio in states:
+            model = build_vitautoenc(cfg)
+            model.load_state_dict(state)
+            row = {"temperature": temperature, "epoch": epoch, "val_l1_over_const": ratio,
+                   **loss_term_gradients(model, batch, cfg, Precision(torch.device("cpu"), None))}
+            rows.append(row)
+            log(f"[t={temperature:g} epoch {epoch}] r {row['r']:.4f} c {row['c']:.4f} | encoder: reconstruction "
+                f"term {row['encoder_recon_term']:.3e}, contrastive term {row['encoder_contrastive_term']:.3e} "
+                f"(ratio {row['encoder_ratio']:.2f}, cosine {row['encoder_cosine']:+.2f})")
+    write_json(os.path.join(out, "temperature.json"), rows)
+    write_text(os.path.join(out, "temperature.md"), _temperature_header() + temperature_table(rows))
+    return rows
+
+
+def _temperature_header() -> str:
+    from .config import get_config
+    from .runtime import cpu_model
+
+    cfg = get_config("demo", **PRECISION_BASE)
+    return (
+        "# The loss terms' gradients at two temperatures (demo pre-training, fp32)\n\n"
+        f"The demo preset's pre-training ({cfg['ssl_epochs']} epochs, Adam {cfg['ssl_lr']:g}, warm-up and cosine, fp32) "
+        f"at temperature 0.05 (the reference's) and 1.0 (the demo's). The loss is r + c r, so its gradient is "
+        "(1 + c) grad r + r grad c. After each epoch named, on all unlabeled validation crops (fixed views): the norm "
+        "of each term over the encoder's parameters (all but the reconstruction head), their ratio (contrastive / "
+        "reconstruction) and cosine, and the validation L1 / constant at that epoch (where validated).\n\n"
+        f"Machine: {cpu_model()}; table written {time.strftime('%Y-%m-%d')}. Re-run: "
+        "`python -m ssl_utils.sweeps temperature --out results/precision`.\n\n"
+    )
+
+
+def temperature_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| temperature | after epoch | val L1 / constant | r | c | (1 + c) grad r | r grad c | ratio | cosine | "
+            "ratio, all parameters |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        v = "-" if r["val_l1_over_const"] is None else f"{r['val_l1_over_const']:.2f}"
+        lines.append(f"| {r['temperature']:g} | {r['epoch']} | {v} | {r['r']:.4f} | {r['c']:.4f} | "
+                     f"{r['encoder_recon_term']:.2e} | {r['encoder_contrastive_term']:.2e} | **{r['encoder_ratio']:.2f}** | "
+                     f"{r['encoder_cosine']:+.2f} | {r['all_ratio']:.2f} |")
+    return head + "\n".join(lines) + "\n"
+
+
 # ---- fine-tuning ----------------------------------------------------------------------------------
 # Every fine-tuning setting: the demo preset, random initialisation, evaluated on the tuning split every 100
 # iterations, final Dice = the mean of the last 3 evaluations; no frozen warm-up (a random encoder has nothing
@@ -506,6 +622,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--only", nargs="*", help="setting names to run (default: all)")
     q.add_argument("--runs", default="runs/precision", help="folder for the runs' checkpoints (default: runs/precision)")
     q.add_argument("--cohort_root", default="data/synthetic", help="where the embedded cohort is (default: data/synthetic)")
+    t = sub.add_parser("temperature", help="the gradient of each loss term at temperature 0.05 and 1.0 (demo, fp32)")
+    t.add_argument("--out", default="results/precision", help="folder for temperature.md / .json (default: results/precision)")
+    t.add_argument("--runs", default="runs/temperature", help="folder for the runs' checkpoints (default: runs/temperature)")
+    t.add_argument("--cohort_root", default="data/synthetic", help="where the embedded cohort is (default: data/synthetic)")
     f = sub.add_parser("finetune", help="the fine-tuning recipe sweep (random init, labeled tuning split only)")
     f.add_argument("--out", default="results/ft_sweep", help="folder for the table, figure and data (default: results/ft_sweep)")
     f.add_argument("--only", nargs="*", help="setting names to run (default: all)")
@@ -516,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "finetune":
         rows = run_finetune_sweep(args.out, args.only, args.runs, args.cohort_root, workers=args.workers)
         print(finetune_table(rows))
+        return 0
+    if args.what == "temperature":
+        print(temperature_table(run_temperature_gradients(args.out, args.runs, args.cohort_root)))
         return 0
     if args.what == "precision":
         rows = run_precision_sweep(args.out, args.only, args.runs, args.cohort_root)
