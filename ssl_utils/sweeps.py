@@ -5,6 +5,7 @@
     python -m ssl_utils.sweeps finetune --out results/ft_sweep             # fine-tuning, tuning split only
     python -m ssl_utils.sweeps precision --out results/precision           # bf16 against fp32, part by part
     python -m ssl_utils.sweeps temperature --out results/precision         # the loss terms' gradients
+    python -m ssl_utils.sweeps precision-finetune --out results/precision/finetune   # UNETR, bf16 and fp32
 
 ``pretrain``: each setting is the demo preset with a few overrides, pre-trained on the embedded
 cohort's unlabeled *training* volumes and scored on its unlabeled *validation* volumes only
@@ -20,8 +21,12 @@ at two more seeds (the control: a run that escapes the reconstruction plateau by
 like a precision effect). Each row also has the one-batch relative error of the encoder's gradient
 against fp64 (``gradient_error``). Same files as ``pretrain`` (under ``results/precision``).
 
+``precision-finetune``: the demo's fine-tuning recipe (random initialisation, ``FT_SWEEP_BASE``: the
+tuning split, final Dice = mean of the last 3 evaluations) in bf16 autocast and in fp32, same seed, side
+by side (``ssl_utils.parallel``). Same files as ``finetune``.
+
 ``temperature``: the demo pre-training (fp32) at the reference's temperature 0.05 and at the demo's 1.0;
-after epochs 0 (untrained), 1, 5, 20 and 60 the gradient of each term of ``r + c * r`` on the unlabeled
+after epochs 0 (untrained), 1, 5 and 20 (of 60) the gradient of each term of ``r + c * r`` on the unlabeled
 validation crops: ``(1 + c) grad r`` and ``r grad c`` (their norms, ratio and cosine). Table
 ``<out>/temperature.md``, data ``<out>/temperature.json``.
 
@@ -111,6 +116,18 @@ def _saved_row(settings_dir: str, name: str, overrides: dict[str, Any], log) -> 
     return saved
 
 
+def _interrupted_run(logdir: str, cfg) -> bool:
+    """Whether ``logdir`` holds an unfinished run of exactly ``cfg`` (then the sweep resumes it: the
+    same weights and history as one uninterrupted run; its ``seconds`` then count this part only)."""
+    from .checkpoint import load_checkpoint
+
+    path = os.path.join(logdir, "last_model.pt")
+    if not os.path.exists(path):
+        return False
+    saved = load_checkpoint(path).get("config") or {}
+    return saved == json.loads(json.dumps(cfg.to_dict()))
+
+
 def run_pretrain_sweep(out: str, only: list[str] | None = None, runs_root: str = "runs/ssl_sweep",
                        cohort_root: str = "data/synthetic", log=print, preset: str = "demo",
                        settings: list[tuple[str, dict[str, Any], str]] | None = None,
@@ -127,19 +144,21 @@ def run_pretrain_sweep(out: str, only: list[str] | None = None, runs_root: str =
     os.makedirs(settings_dir, exist_ok=True)
     rows = []
     for name, overrides, why in PRETRAIN_SETTINGS if settings is None else settings:
-        if only and name not in only:
-            continue
         saved = _saved_row(settings_dir, name, overrides, log)
-        if saved is not None:
+        if saved is not None:  # a finished setting is in the table even when ``only`` names others
             rows.append(saved)
+            continue
+        if only and name not in only:
             continue
         path = os.path.join(settings_dir, f"{name}.json")
         if base is None:
             base = SWEEP_BASE if preset == "demo" else {}
         cfg = get_config(preset, **{**base, **overrides})
-        log(f"[{name}] {why}: {overrides}")
+        logdir = os.path.join(runs_root, name)
+        resume = _interrupted_run(logdir, cfg)
+        log(f"[{name}] {why}: {overrides}" + (" (resuming the interrupted run)" if resume else ""))
         t0 = time.perf_counter()
-        result = pretrain(cfg, logdir=os.path.join(runs_root, name), cohort_root=cohort_root, progress=False,
+        result = pretrain(cfg, logdir=logdir, resume=resume, cohort_root=cohort_root, progress=False,
                           log=lambda msg: None)
         row = _row(name, overrides, why, result, time.perf_counter() - t0)
         if extra is not None:
@@ -320,7 +339,7 @@ def precision_table(rows: list[dict[str, Any]]) -> str:
 
 # ---- the loss terms' gradients at two temperatures ------------------------------------------------
 TEMPERATURES = (0.05, 1.0)
-TEMPERATURE_EPOCHS = (0, 1, 5, 20, 60)  # gradients measured after these epochs (0: the untrained model)
+TEMPERATURE_EPOCHS = (0, 1, 5, 20)  # gradients measured after these epochs (0: the untrained model)
 
 
 def loss_term_gradients(model, batch: dict[str, torch.Tensor], cfg, precision) -> dict[str, float]:
@@ -426,6 +445,13 @@ def temperature_table(rows: list[dict[str, Any]]) -> str:
                      f"{r['encoder_recon_term']:.2e} | {r['encoder_contrastive_term']:.2e} | **{r['encoder_ratio']:.2f}** | "
                      f"{r['encoder_cosine']:+.2f} | {r['all_ratio']:.2f} |")
     return head + "\n".join(lines) + "\n"
+
+
+# the fine-tuning check of the precision policy: the demo's recipe, bf16 against fp32 (same seed, tuning split)
+PRECISION_FT_SETTINGS: list[tuple[str, dict[str, Any], str]] = [
+    ("ft_bf16", dict(amp="bf16"), "the demo's fine-tuning in bf16 autocast (amp='auto' on a bf16 CPU)"),
+    ("ft_fp32", dict(amp="off"), "the same in fp32"),
+]
 
 
 # ---- fine-tuning ----------------------------------------------------------------------------------
@@ -622,6 +648,11 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--only", nargs="*", help="setting names to run (default: all)")
     q.add_argument("--runs", default="runs/precision", help="folder for the runs' checkpoints (default: runs/precision)")
     q.add_argument("--cohort_root", default="data/synthetic", help="where the embedded cohort is (default: data/synthetic)")
+    pf = sub.add_parser("precision-finetune", help="the demo's fine-tuning in bf16 and in fp32 (tuning split)")
+    pf.add_argument("--out", default="results/precision/finetune", help="folder for the table, figure and data")
+    pf.add_argument("--runs", default="runs/precision_ft", help="folder for the runs' checkpoints (default: runs/precision_ft)")
+    pf.add_argument("--cohort_root", default="data/synthetic", help="where the embedded cohort is (default: data/synthetic)")
+    pf.add_argument("--workers", type=int, default=None, help="runs side by side (default: 2 on a CPU, 1 on a GPU)")
     t = sub.add_parser("temperature", help="the gradient of each loss term at temperature 0.05 and 1.0 (demo, fp32)")
     t.add_argument("--out", default="results/precision", help="folder for temperature.md / .json (default: results/precision)")
     t.add_argument("--runs", default="runs/temperature", help="folder for the runs' checkpoints (default: runs/temperature)")
@@ -635,6 +666,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.what == "finetune":
         rows = run_finetune_sweep(args.out, args.only, args.runs, args.cohort_root, workers=args.workers)
+        print(finetune_table(rows))
+        return 0
+    if args.what == "precision-finetune":
+        rows = run_finetune_sweep(args.out, None, args.runs, args.cohort_root, workers=args.workers,
+                                  settings=PRECISION_FT_SETTINGS)
         print(finetune_table(rows))
         return 0
     if args.what == "temperature":
