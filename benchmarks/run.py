@@ -14,7 +14,8 @@ Sections (``--sections``, comma separated, default all but ``e2e``):
   library's step: ``ssl_utils.engine.train_step`` on a ``RunState`` of
   ``apply_speedups(build_vitautoenc(cfg), cfg, device)`` and Adam with ``optimizer_kwargs``,
   forward ``ssl_forward`` (both views in one batch, ``ssl_loss``, autocast per ``cfg["amp"]``,
-  "auto"); ours_fp32 = the same with ``amp="off"``.
+  "auto"); ours_fp32 = the same with ``amp="off"``; ours_bf16_all = the same as ours with no part
+  kept in fp32 (``fp32_parts=()``, the precision policy off: what "auto" ran before it).
 - ``loss``: the contrastive loss alone (forward + backward) on ``[B, roi^3]``, MONAI against ours.
 - ``attention``: one transformer block (forward + backward), einsum against SDPA attention.
 - ``data``: two-view augmented crops per second from the second epoch on: plain
@@ -78,6 +79,7 @@ TARGETS = {
 ROWS = (
     ("pretrain", "reference", "ours", "pre-training step, ours default"),
     ("pretrain", "reference", "ours_fp32", "pre-training step, ours fp32"),
+    ("pretrain", "reference", "ours_bf16_all", "pre-training step, ours in bf16 with no part kept in fp32"),
     ("pretrain", "reference", "ours_compiled", "pre-training step, ours + torch.compile"),
     ("loss", "reference", "ours", "contrastive loss alone (fwd+bwd)"),
     ("attention", "einsum", "sdpa", "one transformer block, einsum -> SDPA (fwd+bwd)"),
@@ -357,12 +359,14 @@ def pretrain_variant(variant: str, cfg: Any, model: torch.nn.Module, device: tor
     from ssl_utils.pretrain import pretrain_optimizer, ssl_forward
     from ssl_utils.runtime import Precision
 
-    _check_variant("pre-training", variant, ("reference", "ours", "ours_fp32", "ours_compiled"))
+    _check_variant("pre-training", variant, ("reference", "ours", "ours_fp32", "ours_bf16_all", "ours_compiled"))
     if variant == "reference":
         step, optimizer = _reference_pretrain_step(model, cfg["ssl_lr"], cfg["temperature"], device)
         return {"step": step, "model": model, "precision": Precision(device, None), "optimizer": optimizer}
     if variant == "ours_fp32":
         cfg = cfg.replace(amp="off")
+    if variant == "ours_bf16_all":  # the precision policy off: what amp="auto" ran before fp32_parts
+        cfg = cfg.replace(fp32_parts=())
     state = _library_state(model, pretrain_optimizer, cfg, device)
     train_model = torch.compile(state.model) if variant == "ours_compiled" else state.model
 
@@ -524,7 +528,7 @@ def sliding_workload(variant: str, s: dict[str, Any], device: torch.device) -> C
 
 
 WORKLOADS: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "pretrain": (pretrain_workload, ("reference", "ours", "ours_fp32")),
+    "pretrain": (pretrain_workload, ("reference", "ours", "ours_fp32", "ours_bf16_all")),
     "loss": (loss_workload, ("reference", "ours")),
     "attention": (attention_workload, ("einsum", "sdpa")),
     "finetune": (finetune_workload, ("reference", "ours")),
@@ -918,7 +922,7 @@ def run_step_section(section: str, s: dict[str, Any], device: torch.device, memo
         variants += ("ours_compiled",)
     mem: dict[str, Any] = {}
     if memory:  # first, while this process is small (a fresh subprocess per variant)
-        mem = {v: measure_memory(section, v, s) for v in variants if v != "ours_compiled"}
+        mem = {v: measure_memory(section, v, s) for v in variants if v not in ("ours_compiled", "ours_bf16_all")}
     log(f"[{section}] building {', '.join(variants)}")
     fns = {v: factory(v, s, device) for v in variants}
     if section == "sliding":
@@ -1230,8 +1234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = machine_info(device)
     log(f"machine: {info['cpu']}, {info['logical_cores']} cores, torch {info['torch']}, MONAI {info['monai']}, "
         f"device {device}, auto precision {info['auto_precision']}")
-    # where "auto" resolves to fp32 the default and fp32 variants are the same computation: time it once
-    same_as = {"ours": "ours_fp32"} if amp_dtype(device, "auto") is None else {}
+    # where "auto" resolves to fp32 the default, fp32 and no-fp32-part variants are the same computation: time it once
+    same_as = {"ours": "ours_fp32", "ours_bf16_all": "ours_fp32"} if amp_dtype(device, "auto") is None else {}
     if args.check is None:
         args.check = "none" if args.quick else "demo"
     args.check_steps = 210 if args.check_steps is None else int(args.check_steps)

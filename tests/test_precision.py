@@ -193,7 +193,7 @@ def test_benchmark_learning_check_tiny(tmp_path, smoke_cohort, one_thread):
                          "--device", "cpu", "--check", "smoke", "--check-steps", "3", "--check-cohort",
                          smoke_cohort["root"], "--out", str(tmp_path), "--name", "t"])
     checks = report["sections"]["pretrain"]["checks"]
-    assert set(checks) == {"reference", "ours", "ours_fp32"}
+    assert set(checks) == {"reference", "ours", "ours_fp32", "ours_bf16_all"}
     for c in checks.values():
         assert c["steps"] == 3 and 0 < c["metric"] < 2 and c["baseline"] == "ours_fp32" and "passed" in c
     assert checks["ours_fp32"]["passed"] and checks["ours_fp32"]["precision"] == "fp32"
