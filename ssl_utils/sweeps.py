@@ -5,6 +5,7 @@
     python -m ssl_utils.sweeps finetune --out results/ft_sweep             # fine-tuning, tuning split only
     python -m ssl_utils.sweeps precision --out results/precision           # bf16 against fp32, part by part
     python -m ssl_utils.sweeps temperature --out results/precision         # the loss terms' gradients
+    python -m ssl_utils.sweeps conv-audit --out results/precision          # each convolution in bf16 vs fp64
     python -m ssl_utils.sweeps precision-finetune --out results/precision/finetune   # UNETR, bf16 and fp32
 
 ``pretrain``: each setting is the demo preset with a few overrides, pre-trained on the embedded
@@ -24,6 +25,12 @@ against fp64 (``gradient_error``). Same files as ``pretrain`` (under ``results/p
 ``precision-finetune``: the demo's fine-tuning recipe (random initialisation, ``FT_SWEEP_BASE``: the
 tuning split, final Dice = mean of the last 3 evaluations) in bf16 autocast and in fp32, same seed, side
 by side (``ssl_utils.parallel``). Same files as ``finetune``.
+
+``conv-audit``: every convolution and transposed convolution of the demo's ViTAutoEnc and UNETR (as
+``apply_speedups`` builds them, with ``fp32_parts=()``), and a grid of transposed convolutions, computed
+once in bf16 and once in fp64 on random inputs of the layer's shape and layout: the relative error of
+the output, of the input gradient and of the weight gradient (``conv_errors``). Table
+``<out>/conv_audit.md``, data ``<out>/conv_audit.json``.
 
 ``temperature``: the demo pre-training (fp32) at the reference's temperature 0.05 and at the demo's 1.0;
 after epochs 0 (untrained), 1, 5 and 20 (of 60) the gradient of each term of ``r + c * r`` on the unlabeled
@@ -334,6 +341,118 @@ def precision_table(rows: list[dict[str, Any]]) -> str:
             f"({r['best_epoch']}) | **{r['ratio_to_const']:.2f}** | {vs} | {r['grad_error_encoder_median']:.1e} "
             f"({r['grad_error_encoder_max']:.1e}) | {r['s_per_epoch']:.2f} | {r['seconds']:.0f} |"
         )
+    return head + "\n".join(lines) + "\n"
+
+
+# ---- bf16 against fp64, one convolution at a time --------------------------------------------------
+
+
+def conv_errors(layer: torch.nn.Module, shape: tuple[int, ...], channels_last: bool = False, seed: int = 0) -> dict[str, float]:
+    """Relative errors ``|x - x64| / |x64|`` of ``layer`` (``Conv3d`` / ``ConvTranspose3d``, its own
+    weights, no bias) computed in bf16 against fp64 on a random input of ``shape`` (in channels-last
+    3D layout when ``channels_last``) and a random output gradient: ``output``, ``grad_input`` and
+    ``grad_weight``. bf16 rounding gives about 3e-3."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    transposed = isinstance(layer, torch.nn.ConvTranspose3d)
+    fn = F.conv_transpose3d if transposed else F.conv3d
+    kw = dict(stride=layer.stride, padding=layer.padding)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    w = layer.weight.detach().double()
+    fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+    out = {}
+    results = []
+    for dtype in (torch.float64, torch.bfloat16):
+        xi = x.to(dtype, copy=True).contiguous(memory_format=fmt).requires_grad_(True)
+        wi = w.to(dtype, copy=True).requires_grad_(True)
+        y = fn(xi, wi, **kw)
+        if dtype == torch.float64:
+            grad = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        y.backward(grad.to(dtype).contiguous(memory_format=fmt))
+        results.append((y.detach().double(), xi.grad.double(), wi.grad.double()))
+    for name, ref, got in zip(("output", "grad_input", "grad_weight"), results[0], results[1]):
+        out[name] = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+    return out
+
+
+def _conv_layers(model: torch.nn.Module, roi: int) -> list[tuple[str, torch.nn.Module, tuple[int, ...], bool]]:
+    """``(name, layer, input shape, channels-last)`` of every 3D (transposed) convolution in one forward
+    of a 2-crop batch."""
+    found = []
+    hooks = [m.register_forward_hook(lambda mod, inputs, output, name=name: found.append(
+        (name, mod, tuple(inputs[0].shape), bool(inputs[0].dim() == 5 and not inputs[0].is_contiguous()
+                                                 and inputs[0].is_contiguous(memory_format=torch.channels_last_3d)))))
+             for name, m in model.named_modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    with torch.no_grad():
+        model(torch.rand(2, 1, roi, roi, roi))
+    for h in hooks:
+        h.remove()
+    return found
+
+
+def run_conv_audit(out: str = "results/precision", log=print) -> list[dict[str, Any]]:
+    """``conv_errors`` of every (transposed) convolution in the demo's ViTAutoEnc and UNETR, and of
+    transposed convolutions over a grid of kernels and output channels."""
+    from .config import get_config
+    from .models import build_unetr, build_vitautoenc
+    from .speedups import apply_speedups
+
+    cfg = get_config("demo", fp32_parts=())
+    rows = []
+    for model_name, build in (("ViTAutoEnc", build_vitautoenc), ("UNETR", build_unetr)):
+        torch.manual_seed(0)
+        model = apply_speedups(build(cfg), cfg, "cpu")
+        for name, layer, shape, cl in _conv_layers(model, cfg["roi"]):
+            rows.append({"model": model_name, "layer": name, "kind": type(layer).__name__,
+                         "kernel": layer.kernel_size[0], "stride": layer.stride[0], "in": layer.in_channels,
+                         "out": layer.out_channels, "input": list(shape), "channels_last": cl,
+                         **conv_errors(layer, shape, cl)})
+    for kernel in (2, 4):
+        for out_channels in (1, 4, 8, 12, 16, 24, 32, 64):
+            torch.manual_seed(0)
+            layer = torch.nn.ConvTranspose3d(32, out_channels, kernel, kernel, bias=False)
+            shape = (2, 32, 4, 4, 4)
+            rows.append({"model": "grid", "layer": f"ConvTranspose3d(32, {out_channels}, {kernel}, stride {kernel})",
+                         "kind": "ConvTranspose3d", "kernel": kernel, "stride": kernel, "in": 32, "out": out_channels,
+                         "input": list(shape), "channels_last": False, **conv_errors(layer, shape)})
+    layer, shape = torch.nn.ConvTranspose3d(32, 16, 4, 4, bias=False), (2, 32, 4, 4, 4)
+    with torch.backends.mkldnn.flags(enabled=False):  # the same layer without oneDNN: PyTorch's own kernels
+        rows.append({"model": "grid, oneDNN off", "layer": "ConvTranspose3d(32, 16, 4, stride 4)", "kind": "ConvTranspose3d",
+                     "kernel": 4, "stride": 4, "in": 32, "out": 16, "input": list(shape), "channels_last": False,
+                     **conv_errors(layer, shape)})
+    for r in rows:
+        log(f"{r['model']:10s} {r['layer']:45s} grad_input {r['grad_input']:.1e}")
+    write_json(os.path.join(out, "conv_audit.json"), rows)
+    write_text(os.path.join(out, "conv_audit.md"), _conv_audit_header() + conv_audit_table(rows))
+    return rows
+
+
+def _conv_audit_header() -> str:
+    from .runtime import cpu_model, cpu_supports_bf16
+
+    return (
+        "# Each convolution in bf16 against fp64\n\n"
+        "Every 3D convolution and transposed convolution of the demo's ViTAutoEnc and UNETR (48^3, hidden 96, UNETR "
+        "feature 8, as `apply_speedups` builds them: UNETR in channels-last 3D on a CPU), on random inputs of the shape "
+        "it sees in a 2-crop forward pass, and a grid of transposed convolutions (32 input channels): the relative "
+        "error |x - x64| / |x64| of the output, the input gradient and the weight gradient computed in bf16 against "
+        "fp64. bf16 rounding alone gives about 3e-3; **bold**: above 0.05.\n\n"
+        f"Machine: {cpu_model()}, bf16 support: {cpu_supports_bf16()}; torch {torch.__version__} "
+        f"(oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}); table written {time.strftime('%Y-%m-%d')}. "
+        "Re-run: `python -m ssl_utils.sweeps conv-audit --out results/precision` (seconds).\n\n"
+    )
+
+
+def conv_audit_table(rows: list[dict[str, Any]]) -> str:
+    def cell(x: float) -> str:
+        return f"**{x:.1e}**" if x > 0.05 else f"{x:.1e}"
+
+    head = ("| model | layer | kernel / stride | channels in -> out | input | output | input gradient | weight gradient |"
+            "\n|---|---|---|---|---|---|---|---|\n")
+    lines = [f"| {r['model']} | {r['layer']} | {r['kernel']} / {r['stride']} | {r['in']} -> {r['out']} | "
+             f"{'x'.join(map(str, r['input']))}{' (channels-last)' if r['channels_last'] else ''} | {cell(r['output'])} | "
+             f"{cell(r['grad_input'])} | {cell(r['grad_weight'])} |" for r in rows]
     return head + "\n".join(lines) + "\n"
 
 
@@ -653,6 +772,8 @@ def main(argv: list[str] | None = None) -> int:
     pf.add_argument("--runs", default="runs/precision_ft", help="folder for the runs' checkpoints (default: runs/precision_ft)")
     pf.add_argument("--cohort_root", default="data/synthetic", help="where the embedded cohort is (default: data/synthetic)")
     pf.add_argument("--workers", type=int, default=None, help="runs side by side (default: 2 on a CPU, 1 on a GPU)")
+    ca = sub.add_parser("conv-audit", help="every convolution of the demo's models in bf16 against fp64 (seconds)")
+    ca.add_argument("--out", default="results/precision", help="folder for conv_audit.md / .json (default: results/precision)")
     t = sub.add_parser("temperature", help="the gradient of each loss term at temperature 0.05 and 1.0 (demo, fp32)")
     t.add_argument("--out", default="results/precision", help="folder for temperature.md / .json (default: results/precision)")
     t.add_argument("--runs", default="runs/temperature", help="folder for the runs' checkpoints (default: runs/temperature)")
@@ -672,6 +793,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_finetune_sweep(args.out, None, args.runs, args.cohort_root, workers=args.workers,
                                   settings=PRECISION_FT_SETTINGS)
         print(finetune_table(rows))
+        return 0
+    if args.what == "conv-audit":
+        print(conv_audit_table(run_conv_audit(args.out)))
         return 0
     if args.what == "temperature":
         print(temperature_table(run_temperature_gradients(args.out, args.runs, args.cohort_root)))
