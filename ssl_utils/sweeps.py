@@ -320,9 +320,11 @@ def _precision_header(cohort_root: str, preset: str = "demo") -> str:
         "|g - g64| / |g64| of each parameter's gradient against fp64, median (max) over the encoder's parameters "
         "(everything but the reconstruction head); bf16 rounding alone gives about 1e-2.\n\n"
         f"Machine: {cpu_model()}, {os.cpu_count()} cores, bf16 support: {cpu_supports_bf16()}; torch "
-        f"{torch.__version__}; {torch.get_num_threads()} threads, one run at a time; table written "
-        f"{time.strftime('%Y-%m-%d')}. Other work shared the machine during parts of the sweep, so the times per "
-        "epoch are indicative (fp32 against bf16 was re-measured step by step in benchmarks/results/). Re-run: "
+        f"{torch.__version__}; one run at a time, with the threads named per row (1 where the machine was busy: "
+        "a 2-thread run waits for a descheduled partner thread); table written "
+        f"{time.strftime('%Y-%m-%d')}. Other work shared the machine (load average 4 to 11), so the times per "
+        "epoch are indicative only (fp32 against bf16 is timed step by step, alternating, in benchmarks/results/). "
+        "A setting interrupted and resumed counts only its last part in 'total s'. Re-run: "
         "`python -m ssl_utils.sweeps precision --out results/precision` (finished settings are reused).\n\n"
     )
 
@@ -330,7 +332,7 @@ def _precision_header(cohort_root: str, preset: str = "demo") -> str:
 def precision_table(rows: list[dict[str, Any]]) -> str:
     fp32 = {r.get("seed"): r["best_val_l1"] for r in rows if r["precision"] == "fp32"}
     head = ("| setting | precision | kept in fp32 | seed | best val L1 (epoch) | best / constant | vs fp32 | "
-            "grad error, encoder median (max) | s per epoch | total s |\n|---|---|---|---|---|---|---|---|---|---|\n")
+            "grad error, encoder median (max) | threads | s per epoch | total s |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in rows:
         ref = fp32.get(r.get("seed"))
@@ -339,7 +341,7 @@ def precision_table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['name']} | {r['precision']} | {parts} | {r.get('seed', '?')} | {r['best_val_l1']:.4f} "
             f"({r['best_epoch']}) | **{r['ratio_to_const']:.2f}** | {vs} | {r['grad_error_encoder_median']:.1e} "
-            f"({r['grad_error_encoder_max']:.1e}) | {r['s_per_epoch']:.2f} | {r['seconds']:.0f} |"
+            f"({r['grad_error_encoder_max']:.1e}) | {r.get('threads', '?')} | {r['s_per_epoch']:.2f} | {r['seconds']:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
 
