@@ -14,7 +14,8 @@ Sections (``--sections``, comma separated, default all but ``e2e``):
   library's step: ``ssl_utils.engine.train_step`` on a ``RunState`` of
   ``apply_speedups(build_vitautoenc(cfg), cfg, device)`` and Adam with ``optimizer_kwargs``,
   forward ``ssl_forward`` (both views in one batch, ``ssl_loss``, autocast per ``cfg["amp"]``,
-  "auto"); ours_fp32 = the same with ``amp="off"``.
+  "auto"); ours_fp32 = the same with ``amp="off"``; ours_bf16_all = the same as ours with no part
+  kept in fp32 (``fp32_parts=()``, the precision policy off: what "auto" ran before it).
 - ``loss``: the contrastive loss alone (forward + backward) on ``[B, roi^3]``, MONAI against ours.
 - ``attention``: one transformer block (forward + backward), einsum against SDPA attention.
 - ``data``: two-view augmented crops per second from the second epoch on: plain
@@ -76,6 +77,7 @@ TARGETS = {
 ROWS = (
     ("pretrain", "reference", "ours", "pre-training step, ours default"),
     ("pretrain", "reference", "ours_fp32", "pre-training step, ours fp32"),
+    ("pretrain", "reference", "ours_bf16_all", "pre-training step, ours in bf16 with no part kept in fp32"),
     ("pretrain", "reference", "ours_compiled", "pre-training step, ours + torch.compile"),
     ("loss", "reference", "ours", "contrastive loss alone (fwd+bwd)"),
     ("attention", "einsum", "sdpa", "one transformer block, einsum -> SDPA (fwd+bwd)"),
@@ -151,6 +153,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--e2e-volumes", type=int, default=16, help="training volumes in the synthetic cohort")
     g.add_argument("--e2e-epochs", type=int, default=3, help="epochs; crop pairs/s is reported from epoch 2 on")
     g.add_argument("--e2e-workers", type=int, default=None, help="DataLoader workers (default min(8, cores))")
+    g = p.add_argument_group("learning checks (sections pretrain, finetune, sliding)")
+    g.add_argument("--check", default=None, choices=("demo", "smoke", "bench", "none"),
+                   help="the learning check beside each timed variant: demo / smoke = that preset's model, recipe and "
+                   "cohort; bench = the benchmark's sizes with the paper recipe on the demo cohort; none = no check "
+                   "(default demo; quick: none)")
+    g.add_argument("--check-steps", type=int, default=None, help="pre-training steps of the check (default 210: 30 demo epochs)")
+    g.add_argument("--check-ft-steps", type=int, default=None, help="fine-tuning iterations of the check (default 200)")
+    g.add_argument("--check-cohort", default="data/synthetic", help="where the check's embedded cohort is (generated when missing)")
     p.add_argument("--compile", action="store_true", help="add an 'ours_compiled' pre-training variant (torch.compile)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -301,17 +311,6 @@ def _library_state(model: torch.nn.Module, make_optimizer: Callable, cfg: Any, d
     return RunState(model, make_optimizer(model, cfg, device), _precision(cfg, device), cfg, grad_clip=cfg["grad_clip"])
 
 
-def _library_step(state: Any, forward: Callable[[], Any]) -> Callable[[], None]:
-    """One ``ssl_utils.engine.train_step``, then the loss read on the host (one sync, like the
-    reference's ``loss.item()``)."""
-    from ssl_utils import engine
-
-    def step() -> None:
-        engine.train_step(state, forward)[0].item()
-
-    return step
-
-
 def _ssl_batch(s: dict[str, Any], seed: int, device: torch.device) -> dict[str, torch.Tensor]:
     """Two masked views and the clean crop, on the CPU (pinned for CUDA): every step copies them over."""
     g = torch.Generator().manual_seed(seed)
@@ -323,16 +322,17 @@ def _ssl_batch(s: dict[str, Any], seed: int, device: torch.device) -> dict[str, 
     return {k: v.pin_memory() for k, v in batch.items()} if device.type == "cuda" else batch
 
 
-def _reference_pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], s: dict[str, Any],
-                             device: torch.device) -> Callable[[], None]:
-    """The reference's loop body: one model call per view, MONAI's ContrastiveLoss, plain Adam, fp32."""
+def _reference_pretrain_step(model: torch.nn.Module, lr: float, temperature: float,
+                             device: torch.device) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], Any]:
+    """The reference's loop body as ``(step(batch) -> loss, optimizer)``: one model call per view,
+    MONAI's ContrastiveLoss, plain Adam, fp32."""
     from monai.losses import ContrastiveLoss
 
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=s["ssl_lr"])
-    l1, cl = torch.nn.L1Loss(), ContrastiveLoss(temperature=s["temperature"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    l1, cl = torch.nn.L1Loss(), ContrastiveLoss(temperature=temperature)
 
-    def step() -> None:
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         v1 = batch["image"].to(device)
         v2 = batch["image_2"].to(device)
         gt = batch["gt_image"].to(device)
@@ -344,25 +344,46 @@ def _reference_pretrain_step(model: torch.nn.Module, batch: dict[str, torch.Tens
         total = r + c * r
         total.backward()
         optimizer.step()
-        total.item()
+        return total.detach()
 
-    return step
+    return step, optimizer
+
+
+def pretrain_variant(variant: str, cfg: Any, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """One pre-training variant on the plain ``model``: ``{"step": step(batch) -> loss, "model",
+    "precision", "optimizer"}``. ``ours`` / ``ours_fp32`` / ``ours_compiled``: the library's step
+    (``train_step`` on ``ssl_forward``, the forward of ``ssl_utils.pretrain.train_epoch``) in
+    ``cfg``'s precision (``ours_fp32``: fp32); ``reference``: the reference's loop, fp32."""
+    from ssl_utils.pretrain import pretrain_optimizer, ssl_forward
+    from ssl_utils.runtime import Precision
+
+    _check_variant("pre-training", variant, ("reference", "ours", "ours_fp32", "ours_bf16_all", "ours_compiled"))
+    if variant == "reference":
+        step, optimizer = _reference_pretrain_step(model, cfg["ssl_lr"], cfg["temperature"], device)
+        return {"step": step, "model": model, "precision": Precision(device, None), "optimizer": optimizer}
+    if variant == "ours_fp32":
+        cfg = cfg.replace(amp="off")
+    if variant == "ours_bf16_all":  # the precision policy off: what amp="auto" ran before fp32_parts
+        cfg = cfg.replace(fp32_parts=())
+    state = _library_state(model, pretrain_optimizer, cfg, device)
+    train_model = torch.compile(state.model) if variant == "ours_compiled" else state.model
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from ssl_utils import engine
+
+        return engine.train_step(state, lambda: ssl_forward(train_model, batch, cfg, state.precision)[:3])[0]
+
+    return {"step": step, "model": state.model, "precision": state.precision, "optimizer": state.optimizer}
 
 
 def pretrain_workload(variant: str, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
     """One pre-training step (forward both views, loss, backward, Adam step, loss.item())."""
     from ssl_utils.models import build_vitautoenc
-    from ssl_utils.pretrain import pretrain_optimizer, ssl_forward
 
-    _check_variant("pre-training", variant, ("reference", "ours", "ours_fp32", "ours_compiled"))
-    cfg, model = _seeded_model(build_vitautoenc, s, amp="off" if variant == "ours_fp32" else None)
+    cfg, model = _seeded_model(build_vitautoenc, s)
     batch = _ssl_batch(s, s["seed"] + 1, device)
-    if variant == "reference":
-        return _reference_pretrain_step(model, batch, s, device)
-    state = _library_state(model, pretrain_optimizer, cfg, device)
-    train_model = torch.compile(state.model) if variant == "ours_compiled" else state.model
-    # the forward of ssl_utils.pretrain.train_epoch
-    return _library_step(state, lambda: ssl_forward(train_model, batch, cfg, state.precision)[:3])
+    step = pretrain_variant(variant, cfg, model, device)["step"]
+    return lambda: step(batch).item()
 
 
 def _backward_step(fn: Callable[[], torch.Tensor], zero: Callable[[], None]) -> Callable[[], None]:
@@ -421,36 +442,55 @@ def attention_workload(variant: str, s: dict[str, Any], device: torch.device) ->
     return _backward_step(lambda: block(x).square().mean(), zero)
 
 
-def finetune_workload(variant: str, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
-    """One UNETR step on ``ft_crops`` crops: forward, DiceCE, backward, AdamW step, loss.item()."""
+def finetune_variant(variant: str, cfg: Any, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """One fine-tuning variant on the plain UNETR ``model``: ``{"step": step(batch) -> loss, "model",
+    "precision", "optimizer"}``. ``ours``: ``train_step`` on ``apply_speedups(model)`` with
+    ``finetune_optimizer`` and the fine-tuning loop's forward (autocast per ``cfg["amp"]``, DiceCE on
+    float32 logits); ``reference``: MONAI's plain UNETR in a plain fp32 loop with AdamW."""
     from monai.losses import DiceCELoss
 
+    from ssl_utils.datasets import plain_tensor
     from ssl_utils.finetune.loop import finetune_optimizer, segmentation_forward
-    from ssl_utils.models import build_unetr
+    from ssl_utils.runtime import Precision
 
     _check_variant("fine-tuning", variant, ("reference", "ours"))
-    cfg, model = _seeded_model(build_unetr, s)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    if variant == "reference":
+        model = model.to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["ft_lr"], weight_decay=cfg["ft_weight_decay"])
+
+        def reference_step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            x, y = (plain_tensor(batch[k]).to(device) for k in ("image", "label"))
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            return loss.detach()
+
+        return {"step": reference_step, "model": model, "precision": Precision(device, None), "optimizer": optimizer}
+    state = _library_state(model, finetune_optimizer, cfg, device)
+
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        from ssl_utils import engine
+
+        return engine.train_step(state, lambda: segmentation_forward(state.model, batch, loss_fn, state.precision))[0]
+
+    return {"step": step, "model": state.model, "precision": state.precision, "optimizer": state.optimizer}
+
+
+def finetune_workload(variant: str, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
+    """One UNETR step on ``ft_crops`` crops: forward, DiceCE, backward, AdamW step, loss.item()."""
+    from ssl_utils.models import build_unetr
+
+    cfg, model = _seeded_model(build_unetr, s, ft_lr=s["ft_lr"], ft_weight_decay=s["ft_wd"])
     g = torch.Generator().manual_seed(s["seed"] + 4)
     r = s["roi"]
     x = torch.rand(s["ft_crops"], 1, r, r, r, generator=g).to(device)
     y = torch.randint(0, s["out_channels"], (s["ft_crops"], 1, r, r, r), generator=g).to(device)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    if variant == "reference":
-        model = model.to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=s["ft_lr"], weight_decay=s["ft_wd"])
-
-        def step() -> None:
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            loss.backward()
-            loss.item()
-            optimizer.step()
-            optimizer.zero_grad()
-
-        return step
-    state = _library_state(model, finetune_optimizer, cfg, device)
+    step = finetune_variant(variant, cfg, model, device)["step"]
     batch = {"image": x, "label": y}
-    return _library_step(state, lambda: segmentation_forward(state.model, batch, loss_fn, state.precision))
+    return lambda: step(batch).item()
 
 
 def sliding_workload(variant: str, s: dict[str, Any], device: torch.device) -> Callable[[], None]:
@@ -486,12 +526,217 @@ def sliding_workload(variant: str, s: dict[str, Any], device: torch.device) -> C
 
 
 WORKLOADS: dict[str, tuple[Callable, tuple[str, ...]]] = {
-    "pretrain": (pretrain_workload, ("reference", "ours", "ours_fp32")),
+    "pretrain": (pretrain_workload, ("reference", "ours", "ours_fp32", "ours_bf16_all")),
     "loss": (loss_workload, ("reference", "ours")),
     "attention": (attention_workload, ("einsum", "sdpa")),
     "finetune": (finetune_workload, ("reference", "ours")),
     "sliding": (sliding_workload, ("reference", "ours")),
 }
+
+
+# ------------------------------------------------------------------------------------------------
+# learning checks: every timed variant, the same step trained for a few hundred steps on CT crops
+#
+# A speed is only worth reporting for a setting that learns. Each timed pre-training and
+# fine-tuning variant runs its own step function (``pretrain_variant`` / ``finetune_variant``, the
+# ones the timing runs) for ``--check-steps`` / ``--check-ft-steps`` steps on the embedded cohort,
+# every variant on the same crops in the same order, from the same weights and with the same
+# learning-rate schedule; then pre-training reports its validation L1 as a multiple of predicting
+# each crop's mean (fixed validation views) and fine-tuning its mean Dice on the labeled tuning
+# split. The sliding-window check scores one trained UNETR (the fine-tuning check's reference) with
+# both inferences. A variant fails when it is worse than the fp32 baseline by more than
+# ``CHECK_TOLERANCE``; a failed variant is marked in the table and meets no target.
+# ------------------------------------------------------------------------------------------------
+
+# pre-training: val L1 / constant at most (1 + 0.05) x the fp32 baseline's; fine-tuning: tuning Dice at least the
+# baseline's - 0.03 (a 200-step check: two formulations of the same maths drift apart by a point or two); sliding
+# window: the same model's tuning Dice within 0.01 under both inferences
+CHECK_TOLERANCE = {"pretrain": 0.05, "finetune": 0.03, "sliding": 0.01}
+CHECK_BASELINE = {"pretrain": ("ours_fp32", "reference"), "finetune": ("reference",), "sliding": ("reference",)}
+
+
+def check_config(s: dict[str, Any], kind: str, **overrides: Any) -> Any:
+    """The learning check's settings: ``kind`` "demo" / "smoke" = that preset (model, recipe, cohort);
+    "bench" = the benchmark's sizes with the paper recipe (``model_config``) on the demo preset's cohort."""
+    from ssl_utils import get_config
+
+    base = dict(probe_every=0, ssl_amp="same", seed=s["seed"])
+    if kind in ("demo", "smoke"):
+        return get_config(kind, **{**base, **overrides})
+    if kind != "bench":
+        raise ValueError(f"--check {kind!r}: expected demo, smoke, bench or none")
+    demo = get_config("demo")
+    cohort = {k: demo[k] for k in demo if k.startswith("synth_")}
+    return model_config(s, **{**cohort, **base, **overrides})
+
+
+def _cohort(cfg: Any, root: str) -> dict[str, Any]:
+    from ssl_utils.synthetic import make_cohort_from_config
+
+    return make_cohort_from_config(cfg, root, progress=False)
+
+
+def _epochs_of(loader_for_epoch: Callable[[int], Any], steps: int):
+    """Batches of epoch 1, 2, ... (``loader_for_epoch(epoch)``) until ``steps`` batches were given."""
+    done, epoch = 0, 0
+    while done < steps:
+        epoch += 1
+        for batch in loader_for_epoch(epoch):
+            if done == steps:
+                return
+            done += 1
+            yield batch
+
+
+def pretrain_check(variant: str, s: dict[str, Any], device: torch.device, kind: str, steps: int,
+                   cohort_root: str) -> dict[str, Any]:
+    """Train ``variant`` for ``steps`` steps on the cohort's unlabeled training crops (the cfg's
+    warm-up and cosine schedule over ``steps``), then its validation L1 on the fixed views."""
+    from monai.data import DataLoader
+
+    from ssl_utils.data import load_datalist
+    from ssl_utils.datasets import mix_seed, plain_tensor, pretrain_datasets
+    from ssl_utils.models import build_vitautoenc
+    from ssl_utils.pretrain import evaluate_ssl
+    from ssl_utils.runtime import lr_lambda
+
+    cfg = check_config(s, kind)
+    info = _cohort(cfg, cohort_root)
+    train, val = (load_datalist(info["tcia_json"], info["tcia_root"], k) for k in ("training", "validation"))
+    train_ds, val_ds = pretrain_datasets(cfg, train, val, progress=False)
+    bs = cfg["ssl_batch_size"]
+    torch.manual_seed(cfg["seed"])
+    v = pretrain_variant(variant, cfg, build_vitautoenc(cfg), device)
+    per_epoch = -(-len(train_ds) // bs)
+    schedule = lr_lambda(cfg["warmup_epochs"] * per_epoch, steps, cfg["cosine"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(v["optimizer"], schedule)
+
+    def loader(epoch: int):
+        train_ds.set_epoch(epoch)
+        g = torch.Generator().manual_seed(mix_seed(cfg["seed"], epoch))
+        return DataLoader(train_ds, batch_size=bs, shuffle=True, generator=g, num_workers=0)
+
+    t0 = time.perf_counter()
+    losses = []
+    for batch in _epochs_of(loader, steps):
+        losses.append(float(v["step"]({k: plain_tensor(batch[k]) for k in ("image", "image_2", "gt_image")})))
+        scheduler.step()
+    seconds = time.perf_counter() - t0
+    val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, num_workers=0)
+    m = evaluate_ssl(v["model"], val_loader, cfg, v["precision"])
+    return {"steps": steps, "precision": v["precision"].name, "val_l1": m["val_recon"], "const_l1": m["val_const_l1"],
+            "metric": m["val_recon"] / m["val_const_l1"], "metric_name": "val L1 / constant",
+            "final_train_loss": losses[-1], "seconds": seconds}
+
+
+def _labeled(cfg: Any, cohort_root: str) -> tuple[list[dict], list[dict]]:
+    """The cohort's largest labeled training list and its tuning list."""
+    from ssl_utils.data import load_datalist
+
+    info = _cohort(cfg, cohort_root)
+    json_path = info["btcv_json"][max(info["btcv_json"])]
+    return (load_datalist(json_path, info["btcv_root"], "training", require_label=True),
+            load_datalist(json_path, info["btcv_root"], "tuning", require_label=True))
+
+
+def _tuning_dice(model: torch.nn.Module, cfg: Any, tune_ds: Any, precision: Any) -> float:
+    from monai.data import DataLoader
+
+    from ssl_utils.finetune.inference import evaluate
+
+    return float(evaluate(model, DataLoader(tune_ds, batch_size=1, shuffle=False, num_workers=0), cfg, precision)["mean_dice"])
+
+
+def finetune_check(variant: str, s: dict[str, Any], device: torch.device, kind: str, steps: int,
+                   cohort_root: str) -> tuple[dict[str, Any], torch.nn.Module, Any, Any]:
+    """Train ``variant`` for ``steps`` iterations on the cohort's labeled training crops, then its
+    mean Dice on the tuning split (its own precision). Returns ``(result, model, cfg, tuning dataset)``."""
+    from monai.data import DataLoader
+
+    from ssl_utils.datasets import finetune_datasets
+    from ssl_utils.finetune import EpochSampler
+    from ssl_utils.models import build_unetr
+
+    cfg = check_config(s, kind)
+    train, tune = _labeled(cfg, cohort_root)
+    train_ds, tune_ds = finetune_datasets(cfg, train, tune, progress=False)
+    torch.manual_seed(cfg["seed"])
+    v = finetune_variant(variant, cfg, build_unetr(cfg), device)
+    sampler = EpochSampler(len(train_ds), cfg["seed"])
+
+    def loader(epoch: int):
+        train_ds.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        return DataLoader(train_ds, batch_size=cfg["ft_batch_size"], sampler=sampler, num_workers=0)
+
+    t0 = time.perf_counter()
+    losses = [float(v["step"](batch)) for batch in _epochs_of(loader, steps)]
+    seconds = time.perf_counter() - t0
+    dice = _tuning_dice(v["model"], cfg, tune_ds, v["precision"])
+    result = {"steps": steps, "precision": v["precision"].name, "metric": dice, "metric_name": "tuning Dice",
+              "final_train_loss": losses[-1], "seconds": seconds}
+    return result, v["model"], cfg, tune_ds
+
+
+def sliding_check(trained: tuple[Any, ...], device: torch.device) -> dict[str, dict[str, Any]]:
+    """One trained UNETR (plain, fp32 weights) scored on the tuning split by the reference's
+    inference (the plain model, fp32) and by ours (``apply_speedups``, the run's precision)."""
+    import copy
+
+    from ssl_utils.runtime import Precision
+    from ssl_utils.speedups import apply_speedups
+
+    _, model, cfg, tune_ds = trained
+    plain = copy.deepcopy(model).to(device)
+    ours = apply_speedups(copy.deepcopy(model), cfg, device)
+    out = {}
+    for name, net, precision in (("reference", plain, Precision(device, None)), ("ours", ours, _precision(cfg, device))):
+        t0 = time.perf_counter()
+        out[name] = {"metric": _tuning_dice(net, cfg, tune_ds, precision), "metric_name": "tuning Dice, same weights",
+                     "precision": precision.name, "seconds": time.perf_counter() - t0}
+    return out
+
+
+def judge_checks(section: str, checks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mark each check passed or failed against the section's fp32 baseline (``CHECK_BASELINE``)."""
+    base_name = next((b for b in CHECK_BASELINE[section] if b in checks), None)
+    if base_name is None:
+        return checks
+    base, tol = checks[base_name]["metric"], CHECK_TOLERANCE[section]
+    for name, c in checks.items():
+        c["baseline"] = base_name
+        if section == "pretrain":  # lower is better
+            c["passed"] = c["metric"] <= base * (1 + tol)
+        elif section == "finetune":
+            c["passed"] = c["metric"] >= base - tol
+        else:
+            c["passed"] = abs(c["metric"] - base) <= tol
+    return checks
+
+
+def run_checks(section: str, variants: tuple[str, ...], s: dict[str, Any], device: torch.device,
+               args: argparse.Namespace, trained: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The learning checks of ``section``'s timed ``variants`` (``trained`` keeps the fine-tuning
+    check's reference model for the sliding-window check)."""
+    kind, root = args.check, args.check_cohort
+    checks: dict[str, dict[str, Any]] = {}
+    if section == "pretrain":
+        for v in variants:
+            checks[v] = pretrain_check(v, s, device, kind, args.check_steps, root)
+            log(f"  check pretrain:{v}: val L1 / constant {checks[v]['metric']:.3f} ({checks[v]['seconds']:.0f} s)")
+    elif section in ("finetune", "sliding"):
+        if section == "finetune" or "finetune" not in trained:
+            for v in (variants if section == "finetune" else ("reference",)):
+                result, *rest = finetune_check(v, s, device, kind, args.check_ft_steps, root)
+                if v == "reference":
+                    trained["finetune"] = (result, *rest)
+                if section == "finetune":
+                    checks[v] = result
+                    log(f"  check finetune:{v}: tuning Dice {result['metric']:.3f} ({result['seconds']:.0f} s)")
+        if section == "sliding":
+            checks = sliding_check(trained["finetune"], device)
+            log("  check sliding: " + ", ".join(f"{k} {c['metric']:.4f}" for k, c in checks.items()))
+    return judge_checks(section, checks)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -665,15 +910,17 @@ def peak_key(device: torch.device) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def run_step_section(section: str, s: dict[str, Any], device: torch.device, memory: bool, same_as: dict[str, str]) -> dict[str, Any]:
-    """Time the variants of one section alternately; optionally measure each one's peak memory."""
+def run_step_section(section: str, s: dict[str, Any], device: torch.device, memory: bool, same_as: dict[str, str],
+                     check: Callable[[tuple[str, ...]], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Time the variants of one section alternately; optionally measure each one's peak memory and
+    (``check(variants)``) run each one's learning check."""
     factory, variants = WORKLOADS[section]
     variants = tuple(v for v in variants if v not in same_as)
     if section == "pretrain" and s.get("compile"):
         variants += ("ours_compiled",)
     mem: dict[str, Any] = {}
     if memory:  # first, while this process is small (a fresh subprocess per variant)
-        mem = {v: measure_memory(section, v, s) for v in variants if v != "ours_compiled"}
+        mem = {v: measure_memory(section, v, s) for v in variants if v not in ("ours_compiled", "ours_bf16_all")}
     log(f"[{section}] building {', '.join(variants)}")
     fns = {v: factory(v, s, device) for v in variants}
     if section == "sliding":
@@ -704,6 +951,12 @@ def run_step_section(section: str, s: dict[str, Any], device: torch.device, memo
         result["memory_ratios_above_baseline"] = {
             v: mem[v]["peak_above_baseline_mb"] / mem[base]["peak_above_baseline_mb"] for v in others if v in mem
         }
+    if check is not None:
+        checks = check(variants if section != "pretrain" or not s.get("compile") else variants[:-1])
+        for alias, target in same_as.items():
+            if target in checks:
+                checks[alias] = dict(checks[target], same_as=target)
+        result["checks"] = checks
     return result
 
 
@@ -769,12 +1022,23 @@ def run_e2e_section(s: dict[str, Any], device: torch.device, args: argparse.Name
 # ------------------------------------------------------------------------------------------------
 
 
+def learned(section: dict[str, Any], variant: str) -> bool | None:
+    """Whether ``variant`` passed its learning check (None: not checked)."""
+    c = section.get("checks", {}).get(variant)
+    return None if c is None or "passed" not in c else bool(c["passed"])
+
+
 def check_targets(sections: dict[str, Any], device: torch.device) -> list[dict[str, Any]]:
+    """Each target against its measurement; a variant whose learning check failed meets none."""
     rows = []
     for key, (what, op, goal, section, entry, variant) in TARGETS.items():
         value = sections.get(section, {}).get(entry, {}).get(variant)
         met = None if value is None else (value >= goal if op == ">=" else value <= goal)
-        rows.append({"key": key, "what": what, "target": f"{op} {goal:g}", "measured": value, "met": met})
+        ok = learned(sections.get(section, {}), variant)
+        if met and ok is False:
+            met = False
+        rows.append({"key": key, "what": what, "target": f"{op} {goal:g}", "measured": value, "met": met,
+                     "learning_check": ok})
     return rows
 
 
@@ -818,12 +1082,24 @@ def _table_row(name: str, s: dict[str, Any], base: str, v: str, what: str, key: 
         steps = f"{s['warmup']}+{s['steps']}"
     if o.get("same_as"):
         what += f" (= {o['same_as']} here)"
-    return f"| {what} | {ref_s} | {our_s} | **{s['ratios'][v]:.2f}x** | {s['paired_ratios'][v]:.2f}x | {steps} | {mem} | {mr} |"
+    ratio = f"**{s['ratios'][v]:.2f}x**" if learned(s, v) is not False else f"{s['ratios'][v]:.2f}x (does not learn)"
+    return (f"| {what} | {ref_s} | {our_s} | {ratio} | {s['paired_ratios'][v]:.2f}x | {steps} | {mem} | {mr} | "
+            f"{_check_cell(s, base)} | {_check_cell(s, v)} |")
+
+
+def _check_cell(sec: dict[str, Any], variant: str) -> str:
+    """``0.71x const, pass`` / ``Dice 41.2%, **fails**`` / ``-`` (not checked)."""
+    c = sec.get("checks", {}).get(variant)
+    if c is None:
+        return "-"
+    value = f"{c['metric']:.3f}x const" if c["metric_name"].startswith("val L1") else f"Dice {100 * c['metric']:.1f}%"
+    verdict = {True: "pass", False: "**fails**", None: "?"}[c.get("passed")]
+    return f"{value} ({c['precision']}), {verdict}"
 
 
 def _table_lines(sec: dict[str, Any], key: str) -> list[str]:
-    lines = ["| workload | reference | ours | ratio | paired ratio | steps | memory ref -> ours | memory ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | reference | ours | ratio | paired ratio | steps | memory ref -> ours | memory ratio "
+             "| check, reference | check, ours |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, base, v, what in ROWS:
         if name in sec and v in sec[name]["variants"]:
             lines.append(_table_row(name, sec[name], base, v, what, key))
@@ -840,7 +1116,35 @@ def _target_lines(targets: list[dict[str, Any]]) -> list[str]:
     for t in targets:
         val = "-" if t["measured"] is None else f"{t['measured']:.2f}"
         met = "not measured" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        if t.get("learning_check") is False:
+            met += " (its learning check failed)"
         lines.append(f"| {t['what']} {t['target']} | {val} | {met} |")
+    return lines
+
+
+def _check_lines(report: dict[str, Any]) -> list[str]:
+    """The learning checks' settings and every check's numbers."""
+    sec = report["sections"]
+    rows = [(name, v, c) for name in ("pretrain", "finetune", "sliding") for v, c in sec.get(name, {}).get("checks", {}).items()]
+    if not rows:
+        return ["", "Learning checks: not run (`--check none`)."]
+    a = report["settings"].get("check", {})
+    lines = [
+        "", f"Learning checks (`--check {a.get('kind')}`): each timed variant's own step trained on the embedded cohort, "
+        "every variant on the same crops in the same order, from the same weights, with the same schedule: pre-training "
+        f"{a.get('steps')} steps, then the validation L1 on fixed views / the L1 of predicting each crop's mean (fails "
+        f"when above {1 + CHECK_TOLERANCE['pretrain']:.2f}x the fp32 baseline's); fine-tuning {a.get('ft_steps')} "
+        "iterations, then the mean Dice on the labeled tuning split (fails when more than "
+        f"{100 * CHECK_TOLERANCE['finetune']:.0f} points below the reference's); sliding window: the fine-tuning check's "
+        "reference model scored by both inferences (fails when they differ by more than "
+        f"{100 * CHECK_TOLERANCE['sliding']:.0f} point). A variant that fails is marked and meets no target.",
+        "", "| section | variant | precision | check | baseline | passed | check time |", "|---|---|---|---|---|---|---|",
+    ]
+    for name, v, c in rows:
+        value = f"{c['metric']:.4f}" if c["metric_name"].startswith("val L1") else f"{100 * c['metric']:.2f}%"
+        passed = {True: "yes", False: "**no**", None: "?"}[c.get("passed")]
+        lines.append(f"| {name} | {v} | {c['precision']} | {c['metric_name']} {value} | {c.get('baseline', '-')} | "
+                     f"{passed} | {c['seconds']:.0f} s |")
     return lines
 
 
@@ -862,7 +1166,7 @@ def _sizes_lines(s: dict[str, Any], sec: dict[str, Any]) -> list[str]:
 def markdown(report: dict[str, Any]) -> str:
     sec = report["sections"]
     key = "cuda_peak_mb" if str(report["machine"]["device"]).startswith("cuda") else "peak_rss_mb"
-    lines = (_header_lines(report) + _table_lines(sec, key) + _target_lines(report["targets"])
+    lines = (_header_lines(report) + _table_lines(sec, key) + _target_lines(report["targets"]) + _check_lines(report)
              + _sizes_lines(report["settings"], sec) + [""])
     return "\n".join(lines)
 
@@ -928,14 +1232,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     info = machine_info(device)
     log(f"machine: {info['cpu']}, {info['logical_cores']} cores, torch {info['torch']}, MONAI {info['monai']}, "
         f"device {device}, auto precision {info['auto_precision']}")
-    # where "auto" resolves to fp32 the default and fp32 variants are the same computation: time it once
-    same_as = {"ours": "ours_fp32"} if amp_dtype(device, "auto") is None else {}
+    # where "auto" resolves to fp32 the default, fp32 and no-fp32-part variants are the same computation: time it once
+    same_as = {"ours": "ours_fp32", "ours_bf16_all": "ours_fp32"} if amp_dtype(device, "auto") is None else {}
+    if args.check is None:
+        args.check = "none" if args.quick else "demo"
+    args.check_steps = 210 if args.check_steps is None else int(args.check_steps)
+    args.check_ft_steps = 200 if args.check_ft_steps is None else int(args.check_ft_steps)
+    s["check"] = {"kind": args.check, "steps": args.check_steps, "ft_steps": args.check_ft_steps}
+    trained: dict[str, Any] = {}
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
     for name in sections:
         t0 = time.perf_counter()
         if name in WORKLOADS:
-            results[name] = run_step_section(name, s, device, name in memory, same_as if name == "pretrain" else {})
+            check = None
+            if args.check != "none" and name in ("pretrain", "finetune", "sliding"):
+                check = lambda variants, name=name: run_checks(name, variants, s, device, args, trained)  # noqa: E731
+            results[name] = run_step_section(name, s, device, name in memory, same_as if name == "pretrain" else {}, check)
         elif name == "data":
             results[name] = run_data_section(s, device)
         elif name == "e2e":

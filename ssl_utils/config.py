@@ -75,6 +75,10 @@ class RunConfig(_Group):
     # under bf16 autocast its reconstruction L1 stalled at 0.80x the constant baseline, 0.52x in fp32
     # (results/ssl_sweep/sweep.md, h96_t1_e60_bf16 vs h96_t1_e60)
     ssl_amp: Union[str, bool] = "same"
+    # parts of the network that run in fp32 under autocast (ssl_utils.speedups.keep_fp32_parts), any of
+    # FP32_PART_NAMES. ViTAutoEnc's first reconstruction layer: oneDNN's bf16 input gradient of that transposed
+    # convolution (kernel 4, 16 channels) is wrong on CPU, and pre-training stalled (results/precision/sweep.md)
+    fp32_parts: tuple[str, ...] = ("head_deconv1",)
     recompute_gelu: bool = True  # recompute each ViT block's GELU in backward instead of storing it
     channels_last: Union[str, bool] = "auto"  # UNETR in channels-last 3D: "auto" (on for CPU) | True | False
     compile: bool = False  # torch.compile the model (pays on GPU for long runs)
@@ -230,6 +234,9 @@ _NON_NEGATIVE = {
     "synth_labeled_control",
     "synth_seed", "probe_every",
 }
+# the values fp32_parts may hold (ssl_utils.speedups.FP32_PARTS, the same names; a test keeps them equal)
+FP32_PART_NAMES = ("layernorm", "attention", "mlp", "head_deconv1", "head_deconv2")
+_ITEM_CHOICES: dict[str, tuple] = {"fp32_parts": FP32_PART_NAMES}
 _FRACTIONS = {"dropout_rate", "cache_rate", "shuffle_prob", "ft_flip_prob", "ft_rot_prob", "ft_shift_prob"}
 _CHOICES: dict[str, tuple] = {
     "amp": ("auto", "bf16", "fp16", "off", True, False),
@@ -281,6 +288,9 @@ def _check_value(name: str, value: Any) -> None:
     values = value if isinstance(value, tuple) else (value,)
     if name in _CHOICES and value not in _CHOICES[name]:
         raise ConfigError(f"setting {name!r} = {value!r}; expected one of {list(_CHOICES[name])}")
+    bad = [v for v in values if v not in _ITEM_CHOICES[name]] if name in _ITEM_CHOICES else []
+    if bad:
+        raise ConfigError(f"setting {name!r} = {value!r}: unknown {bad}; expected some of {list(_ITEM_CHOICES[name])}")
     if name in _POSITIVE and any(v <= 0 for v in values):
         raise ConfigError(f"setting {name!r} = {value!r} must be greater than 0")
     if name in _NON_NEGATIVE and any(v < 0 for v in values):

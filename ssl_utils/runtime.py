@@ -95,7 +95,12 @@ def amp_dtype(device: torch.device, amp: str | bool = "auto") -> torch.dtype | N
 
 @dataclass
 class Precision:
-    """One autocast context for the whole run, and a GradScaler that is active only for fp16."""
+    """One autocast context for the whole run, and a GradScaler that is active only for fp16.
+
+    Which parts of a model compute in ``dtype`` under this context is the model's side of the
+    precision policy: ``ssl_utils.speedups.apply_speedups`` keeps the parts named by the
+    ``fp32_parts`` setting in fp32 (by default ViTAutoEnc's first transposed convolution, whose bf16
+    input gradient oneDNN computes wrongly on CPUs), for every loop alike."""
 
     device: torch.device
     dtype: torch.dtype | None

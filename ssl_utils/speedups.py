@@ -15,6 +15,13 @@ entry point that moves a model to its device and patches it according to the con
   with 3D convolutions beyond the patch embedding, i.e. UNETR): channels-last 3D layout
   (``InstanceNormCL``, ``ImageConv3dCL``).
 
+It also applies the precision policy, on every version: ``keep_fp32_parts(model, cfg["fp32_parts"])``
+runs the named parts of a model in fp32 under autocast (see ``FP32_PARTS``). The default keeps
+ViTAutoEnc's first reconstruction layer in fp32: on CPUs, oneDNN's bf16 input gradient of a
+transposed convolution with kernel = stride = 4 and 16 output channels is wrong (relative error
+about 1 against fp64; torch 2.13.0, results/precision/sweep.md), so under bf16 autocast every
+gradient upstream of that layer was noise and pre-training stalled.
+
 The patches rely on MONAI internals (attribute names, module classes), so ``apply_speedups`` only
 applies them on the versions they were verified on (``VERIFIED_MONAI``, ``VERIFIED_TORCH``); on
 any other version it warns and returns the plain model (same results, slower).
@@ -323,6 +330,90 @@ class ImageConv3dCL(nn.Conv3d):
         return super().forward(x).contiguous(memory_format=torch.channels_last_3d)
 
 
+# --------------------------------------------------------------------------------------------
+# precision policy: parts of a model that run in fp32 under autocast
+# --------------------------------------------------------------------------------------------
+
+
+class _Fp32Forward:
+    """Mixin (placed before a module's class): the module's forward runs with autocast off and its
+    bf16 / fp16 tensor arguments cast to fp32, so its forward and backward are fp32 whatever the
+    caller's autocast; its output is fp32. Parameters, buffers and the state dict are unchanged."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.bfloat16, torch.float16) else a
+                     for a in args)
+        with torch.autocast(device_type=device, enabled=False):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+
+_FP32_CLASSES: dict[type, type] = {}
+
+
+def _fp32_class(cls: type) -> type:
+    """``Fp32<cls>``: ``cls`` with ``_Fp32Forward`` first in its MRO (one class per ``cls``, registered
+    in this module under its name so that pickling a patched model finds it)."""
+    if cls not in _FP32_CLASSES:
+        name = f"Fp32{cls.__name__}"
+        new = type(name, (_Fp32Forward, cls), {"__module__": __name__, "__qualname__": name,
+                                                "__doc__": f"``{cls.__name__}`` run in fp32 under autocast (``keep_fp32``)."})
+        _FP32_CLASSES[cls] = globals()[name] = new
+    return _FP32_CLASSES[cls]
+
+
+def keep_fp32(module: nn.Module) -> nn.Module:
+    """Run ``module`` in fp32 under autocast (in place: its class becomes ``Fp32<class>``, a
+    subclass, so ``isinstance`` checks and the state dict are unchanged). Idempotent."""
+    if not isinstance(module, _Fp32Forward):
+        module.__class__ = _fp32_class(type(module))
+    return module
+
+
+def _modules_of(*types: type):
+    return lambda model: [m for m in model.modules() if isinstance(m, types)]
+
+
+def _vitautoenc_layer(attribute: str):
+    def select(model: nn.Module) -> list[nn.Module]:
+        from monai.networks.nets import ViTAutoEnc
+
+        return [getattr(m, attribute) for m in model.modules() if isinstance(m, ViTAutoEnc)]
+
+    return select
+
+
+def _fp32_parts() -> dict[str, Any]:
+    from monai.networks.blocks.selfattention import SABlock
+
+    return {
+        "layernorm": _modules_of(nn.LayerNorm),  # every LayerNorm of the ViT (two per block, the final one)
+        "attention": _modules_of(SABlock),  # qkv projection, attention (SDPA / softmax), output projection
+        "mlp": _modules_of(MLPBlock),  # both linear layers and the GELU (recomputed or stored)
+        "head_deconv1": _vitautoenc_layer("conv3d_transpose"),  # ViTAutoEnc: tokens -> deconv_chns, kernel 4
+        "head_deconv2": _vitautoenc_layer("conv3d_transpose_1"),  # ViTAutoEnc: -> the reconstruction (the loss's input)
+    }
+
+
+FP32_PARTS = ("layernorm", "attention", "mlp", "head_deconv1", "head_deconv2")  # the names ``fp32_parts`` takes
+
+
+def keep_fp32_parts(model: nn.Module, parts: Any) -> int:
+    """Run the named ``parts`` of ``model`` (any of ``FP32_PARTS``) in fp32 under autocast; a part
+    ``model`` does not have (UNETR has no ViTAutoEnc head) is skipped. Returns the number of modules
+    changed. Without autocast (fp32 runs) nothing changes numerically."""
+    selectors = _fp32_parts()
+    unknown = [p for p in parts if p not in selectors]
+    if unknown:
+        raise ValueError(f"fp32_parts: unknown part(s) {unknown}; expected some of {list(FP32_PARTS)}")
+    n = 0
+    for part in parts:
+        for module in selectors[part](model):
+            n += not isinstance(module, _Fp32Forward)
+            keep_fp32(module)
+    return n
+
+
 def _vits(model: nn.Module) -> list[nn.Module]:
     """The ViTs in ``model``: every module with a ``patch_embedding`` submodule (ViTAutoEnc itself,
     UNETR's ``vit``)."""
@@ -347,13 +438,18 @@ def apply_speedups(model: nn.Module, cfg: Mapping[str, Any], device: torch.devic
     weights load either way. Calling it again (same config) on a patched model changes nothing;
     patches are never undone.
 
-    On MONAI / torch versions other than ``VERIFIED_MONAI`` / ``VERIFIED_TORCH`` nothing is
+    The precision policy (``keep_fp32_parts(model, cfg["fp32_parts"])``) is applied last, on every
+    version: it changes which dtype parts of the model compute in under autocast, not what they compute.
+
+    On MONAI / torch versions other than ``VERIFIED_MONAI`` / ``VERIFIED_TORCH`` nothing else is
     patched: one ``RuntimeWarning`` says so and the plain model is returned, on ``device``.
     """
     supported, message = speedups_supported()
     if not supported:
         warnings.warn(message, RuntimeWarning, stacklevel=2)
-        return model.to(device)
+        model = model.to(device)
+        keep_fp32_parts(model, cfg["fp32_parts"])
+        return model
     model = model.to(device)
     set_sdpa(model, bool(cfg["sdpa"]))
     for vit in _vits(model):
@@ -362,4 +458,5 @@ def apply_speedups(model: nn.Module, cfg: Mapping[str, Any], device: torch.devic
         recompute_gelu(model)
     if _has_image_convolutions(model) and use_channels_last(cfg["channels_last"], device):
         to_channels_last(model)
+    keep_fp32_parts(model, cfg["fp32_parts"])
     return model
