@@ -190,31 +190,6 @@ def evaluate_mae(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Pr
     return {k: sums[j].item() / count for j, k in enumerate(MAE_VAL_KEYS)}
 
 
-def mae_reconstruction(model: nn.Module, crop: torch.Tensor, cfg: Mapping[str, Any], seed: int = 0) -> dict[str, torch.Tensor]:
-    """For a picture: ``crop`` ``[1, 1, X, Y, Z]`` with the masked patches blanked (``visible``), the
-    network's prediction pasted into them (``reconstruction``, visible patches kept; a normalised
-    prediction is mapped back with each patch's own mean and standard deviation), and the ``mask`` as
-    a volume. Fixed ``seed`` for the mask."""
-    p = int(cfg["patch_size"])
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        pred, mask = model(crop)
-    model.train(was_training)
-    patches = patchify(crop.float(), p)
-    pred = pred.float()
-    if cfg["mae_norm_target"]:
-        mean = patches.mean(dim=-1, keepdim=True)
-        std = (patches.var(dim=-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
-        pred = pred * std + mean
-    m = mask.to(torch.bool).unsqueeze(-1)
-    recon = torch.where(m, pred, patches)
-    visible = torch.where(m, torch.zeros_like(patches), patches)
-    return {"visible": unpatchify(visible, p, crop.shape), "reconstruction": unpatchify(recon, p, crop.shape),
-            "mask": unpatchify(m.float().expand_as(patches), p, crop.shape)}
-
-
 def unpatchify(tokens: torch.Tensor, patch: int, shape: torch.Size) -> torch.Tensor:
     """The inverse of ``patchify`` for a crop of ``shape`` ``[B, C, X, Y, Z]``."""
     b, c, X, Y, Z = shape
@@ -225,5 +200,5 @@ def unpatchify(tokens: torch.Tensor, patch: int, shape: torch.Size) -> torch.Ten
 
 __all__ = [
     "MAE_VAL_KEYS", "build_mae", "is_mae_state", "mae_encoder_state", "patchify", "unpatchify", "mae_target",
-    "mae_loss", "mae_baselines", "mae_forward", "evaluate_mae", "mae_reconstruction",
+    "mae_loss", "mae_baselines", "mae_forward", "evaluate_mae",
 ]

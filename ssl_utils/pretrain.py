@@ -28,12 +28,12 @@ from .distributed import all_reduce_mean, all_reduce_sum, barrier, is_main, rank
 from .engine import Result, RunState, TrainingDiverged, check_finite, check_weights_finite, setup_run, train_step
 from .io import write_csv, write_json
 from .losses import ssl_loss
+from .mae import build_mae, evaluate_mae, mae_forward
 from .models import build_vitautoenc
 from .runtime import Precision, lr_lambda, optimizer_kwargs
 from .speedups import apply_speedups
 
-__all__ = ["pretrain", "PretrainResult", "ssl_forward", "build_pretext_model", "pretext_forward", "evaluate_pretext",
-           "reference_baseline", "ssl_precision", "evaluate_ssl", "reconstruction_baselines", "TrainingDiverged", "resolve_ssl_data"]
+__all__ = ["pretrain", "PretrainResult", "ssl_forward", "Pretext", "pretext_of", "reference_baseline", "ssl_precision", "evaluate_ssl", "reconstruction_baselines", "TrainingDiverged", "resolve_ssl_data"]
 
 BEST_NAME = "best_model.pt"
 LAST_NAME = "last_model.pt"
@@ -247,35 +247,6 @@ def pretrain_optimizer(model: nn.Module, cfg: Mapping[str, Any], device: torch.d
 MAE_ARCH_KEYS = ("mae_decoder_hidden", "mae_decoder_mlp", "mae_decoder_layers", "mae_decoder_heads")
 
 
-def build_pretext_model(cfg: Mapping[str, Any]) -> nn.Module:
-    """The network ``cfg["pretext"]`` trains: ``ViTAutoEnc`` ("views") or ``MaskedAutoEncoderViT``
-    ("mae", ``ssl_utils.mae.build_mae``); MONAI's plain model, before ``apply_speedups``."""
-    if cfg["pretext"] == "mae":
-        from .mae import build_mae
-
-        return build_mae(cfg)
-    return build_vitautoenc(cfg)
-
-
-def pretext_forward(cfg: Mapping[str, Any]) -> Callable[..., tuple]:
-    """``ssl_forward`` (two views) or ``ssl_utils.mae.mae_forward``; both take ``(model, batch, cfg,
-    precision, gather)`` and return ``(total, reconstruction term, contrastive term, ...)``."""
-    if cfg["pretext"] == "mae":
-        from .mae import mae_forward
-
-        return mae_forward
-    return ssl_forward
-
-
-def evaluate_pretext(model: nn.Module, loader, cfg: Mapping[str, Any], precision: Precision) -> dict[str, float]:
-    """``evaluate_ssl`` or ``ssl_utils.mae.evaluate_mae``: the validation row of either pretext."""
-    if cfg["pretext"] == "mae":
-        from .mae import evaluate_mae
-
-        return evaluate_mae(model, loader, cfg, precision)
-    return evaluate_ssl(model, loader, cfg, precision)
-
-
 def reference_baseline(row: Mapping[str, Any]) -> tuple[str, float] | None:
     """The baseline a validation row's ``val_recon`` is read against: the L1 of predicting each crop's
     mean (two views), or the masked-patch loss of predicting each masked patch's own mean (MAE)."""
@@ -288,7 +259,7 @@ def reference_baseline(row: Mapping[str, Any]) -> tuple[str, float] | None:
 def _build_state(cfg: Config, precision: Precision, steps_per_epoch: int) -> RunState:
     """The pretext's network (initialised from the seed), Adam, the warm-up / cosine schedule."""
     torch.manual_seed(cfg["seed"])
-    model = apply_speedups(build_pretext_model(cfg), cfg, precision.device)
+    model = apply_speedups(pretext_of(cfg).build(cfg), cfg, precision.device)
     optimizer = pretrain_optimizer(model, cfg, precision.device)
     schedule = lr_lambda(cfg["warmup_epochs"] * steps_per_epoch, cfg["ssl_epochs"] * steps_per_epoch, cfg["cosine"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -309,7 +280,7 @@ def train_epoch(state: RunState, train_model: nn.Module, data: _Data, epoch: int
     state.model.train()
     t0, n_crops, steps = time.perf_counter(), 0, len(data.train_loader)
     sums = torch.zeros(3, dtype=torch.float64, device=dev)
-    forward = pretext_forward(cfg)
+    forward = pretext_of(cfg).forward
     check_every = 1 if dev.type == "cpu" else 10  # a check reads the value on the host: a sync on GPU
     bar = tqdm(data.train_loader, desc=f"epoch {epoch}/{cfg['ssl_epochs']}", leave=False, disable=not progress)
     for step, batch in enumerate(bar, start=1):
@@ -330,9 +301,7 @@ def train_epoch(state: RunState, train_model: nn.Module, data: _Data, epoch: int
     }
 
 
-def _epoch_message(row: Mapping[str, Any], total: int, is_best: bool, pretext: str = "views") -> str:
-    if pretext == "mae":
-        return _mae_message(row, total, is_best)
+def _epoch_message(row: Mapping[str, Any], total: int, is_best: bool) -> str:
     msg = (
         f"epoch {row['epoch']}/{total} loss {row['train_total']:.4f} (recon {row['train_recon']:.4f}, "
         f"contrastive {row['train_contrastive']:.4f}) {row['crop_pairs_per_s']:.1f} crop pairs/s"
@@ -355,6 +324,27 @@ def _mae_message(row: Mapping[str, Any], total: int, is_best: bool) -> str:
     if "probe_dice" in row:
         msg += f" | probe Dice {row['probe_dice']:.4f} (untrained encoder {row['probe_dice_init']:.4f})"
     return msg + (" (best)" if is_best else "")
+
+
+@dataclass(frozen=True)
+class Pretext:
+    """What differs between the pretexts; the loop, resume, validation schedule, probe monitor and
+    checkpoints are shared. ``forward(model, batch, cfg, precision, gather)`` returns ``(total,
+    reconstruction term, contrastive term, ...)``; ``evaluate`` the validation row; ``message`` an epoch's
+    log line."""
+
+    build: Callable[[Mapping[str, Any]], nn.Module]
+    forward: Callable[..., tuple]
+    evaluate: Callable[..., dict[str, float]]
+    message: Callable[[Mapping[str, Any], int, bool], str]
+
+
+def pretext_of(cfg: Mapping[str, Any]) -> Pretext:
+    """``cfg["pretext"]``'s parts: two views (``ViTAutoEnc``, ``ssl_forward``, ``evaluate_ssl``) or the masked
+    autoencoder (``ssl_utils.mae``: ``MaskedAutoEncoderViT``, ``mae_forward``, ``evaluate_mae``)."""
+    if cfg["pretext"] == "mae":
+        return Pretext(build_mae, mae_forward, evaluate_mae, _mae_message)
+    return Pretext(build_vitautoenc, ssl_forward, evaluate_ssl, _epoch_message)
 
 
 def _tensorboard(tensorboard: bool | str, logdir: str):
@@ -440,7 +430,7 @@ def pretrain(
             break
         row = train_epoch(state, train_model, data, epoch, gather, progress and main, last_path)
         if epoch % cfg["ssl_val_every"] == 0 or epoch == total:
-            row.update(evaluate_pretext(state.model, data.val_loader, cfg, precision))
+            row.update(pretext_of(cfg).evaluate(state.model, data.val_loader, cfg, precision))
             check_finite(torch.tensor([row["val_recon"], row["val_total"]]), f"epoch {epoch} (validation)",
                          last_path, what="the validation loss")
         if probing and (epoch % cfg["probe_every"] == 0 or epoch == total):
@@ -451,7 +441,7 @@ def pretrain(
         state["epoch"] = epoch
         if main:
             _write_epoch(state, logdir, is_best, writer)
-            say(_epoch_message(row, total, is_best, cfg["pretext"]))
+            say(pretext_of(cfg).message(row, total, is_best))
         barrier()
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)

@@ -503,7 +503,6 @@ def run_study(
     from .finetune import compare_init
     from .organs import organ_names
     from .parallel import auto_workers, run_jobs
-    from .pretrain import pretrain
     from .synthetic import make_cohort_from_config
 
     t_start = time.perf_counter()
@@ -521,28 +520,9 @@ def run_study(
     make_cohort_from_config(cfg, cohort_root, progress=progress)
     timings["cohort_s"] = time.perf_counter() - t0
 
-    log(f"[1/4] pre-training: two views ({cfg['ssl_epochs']} epochs) and the masked autoencoder")
-    t0 = time.perf_counter()
     mae_cfg = mae_recipe(cfg, preset)
-    mae_root = cohort_root + ("_abdomen" if mae_cfg["synth_unlabeled_kind"] == "abdomen" else "")
     arms = [a for a in ENCODER_ARMS if a in (arms or ENCODER_ARMS)]
-    encoders, provenance = {}, {}
-    for arm, make in (
-        ("pretrained", lambda: pretrain(cfg, logdir=os.path.join(out, "ssl"), resume=True, progress=progress,
-                                        cohort_root=cohort_root, log=log)),
-        ("mae", lambda: pretrain(mae_cfg, logdir=os.path.join(out, "mae"), resume=True, progress=progress,
-                                 cohort_root=mae_root, log=log)),
-    ):
-        if arm in arms:
-            encoders[arm], provenance[arm] = study_encoder(out, arm, make, log)
-    timings["pretrain_s"] = time.perf_counter() - t0
-
-    log("[2/4] the positive control: a UNETR trained with labels on the control split")
-    t0 = time.perf_counter()
-    if "control" in arms:
-        encoders["control"], provenance["control"] = study_encoder(
-            out, "control", lambda: train_control(cfg, out, cohort_root, progress=progress, log=log), log)
-    timings["control_s"] = time.perf_counter() - t0
+    encoders, provenance = study_encoders(cfg, mae_cfg, arms, out, cohort_root, timings, progress, log)
     best = encoders.get("pretrained")
 
     seed_list = list(range(int(seeds)))
@@ -573,14 +553,7 @@ def run_study(
     family = comparison_family(sizes, arms)
     m = len(family)
     adj = 1 - (1 - level) / m
-    stats: dict[str, Any] = {}
-    probe_stats: dict[str, Any] = {}
-    for size, treatment, base in family:
-        if size == "probe":
-            probe_stats[f"{probe_n}|{treatment}|{base}"] = paired_by(probe_records, probe_n, "final", baseline=base,
-                                                                    treatment=treatment, level=adj)
-        else:
-            stats[f"{size}|{treatment}"] = paired_by(records, int(size), "final", treatment=treatment, level=adj)
+    stats, probe_stats = headline_stats(family, records, probe_records, probe_n, adj)
     timings["total_s"] = time.perf_counter() - t_start
 
     fig_path = os.path.join(out, "study_curves.png")
@@ -618,6 +591,50 @@ def run_study(
     write_text(os.path.join(out, "study.md"), report)
     log(report)
     return result
+
+
+def study_encoders(cfg, mae_cfg, arms: Sequence[str], out: str, cohort_root: str, timings: dict[str, float],
+                   progress: bool = True, log=print) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Steps 1 and 2 of the study: the encoder of every arm in ``arms`` (``study_encoder``: made once, reused
+    afterwards), the two pre-trainings first, then the positive control; ``({arm: path}, {arm: provenance})``.
+    Their times go to ``timings`` (``pretrain_s``, ``control_s``)."""
+    from .pretrain import pretrain
+
+    log(f"[1/4] pre-training: two views ({cfg['ssl_epochs']} epochs) and the masked autoencoder")
+    t0 = time.perf_counter()
+    mae_root = cohort_root + ("_abdomen" if mae_cfg["synth_unlabeled_kind"] == "abdomen" else "")
+    makers = {
+        "pretrained": lambda: pretrain(cfg, logdir=os.path.join(out, "ssl"), resume=True, progress=progress,
+                                       cohort_root=cohort_root, log=log),
+        "mae": lambda: pretrain(mae_cfg, logdir=os.path.join(out, "mae"), resume=True, progress=progress,
+                                cohort_root=mae_root, log=log),
+        "control": lambda: train_control(cfg, out, cohort_root, progress=progress, log=log),
+    }
+    encoders, provenance = {}, {}
+    for arm in ("pretrained", "mae"):
+        if arm in arms:
+            encoders[arm], provenance[arm] = study_encoder(out, arm, makers[arm], log)
+    timings["pretrain_s"] = time.perf_counter() - t0
+    log("[2/4] the positive control: a UNETR trained with labels on the control split")
+    t0 = time.perf_counter()
+    if "control" in arms:
+        encoders["control"], provenance["control"] = study_encoder(out, "control", makers["control"], log)
+    timings["control_s"] = time.perf_counter() - t0
+    return encoders, provenance
+
+
+def headline_stats(family, records, probe_records, probe_n: int, level: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The paired comparisons of ``family`` (``comparison_family``) at confidence ``level`` each: fine-tuning
+    ``{"<size>|<arm>": ...}`` and probe ``{"<probe_n>|<arm>|<baseline>": ...}``, all on final Dice."""
+    stats: dict[str, Any] = {}
+    probe_stats: dict[str, Any] = {}
+    for size, treatment, base in family:
+        if size == "probe":
+            probe_stats[f"{probe_n}|{treatment}|{base}"] = paired_by(probe_records, probe_n, "final", baseline=base,
+                                                                    treatment=treatment, level=level)
+        else:
+            stats[f"{size}|{treatment}"] = paired_by(records, int(size), "final", treatment=treatment, level=level)
+    return stats, probe_stats
 
 
 def describe_encoder(arm: str, cfg, mae_cfg, provenance: dict[str, Any]) -> str:
