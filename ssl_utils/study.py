@@ -527,19 +527,8 @@ def run_study(
 
     seed_list = list(range(int(seeds)))
     sizes = list(train_sizes) if train_sizes else [int(n) for n in cfg["synth_train_sizes"]]
-    log(f"[3/4] fine-tuning: sizes {sizes} x seeds {seed_list} x arms random, {', '.join(encoders)}; {workers} at a time")
-    t0 = time.perf_counter()
-    comp = compare_init(cfg, sizes, seed_list, best, logdir=os.path.join(out, "compare"), progress=progress,
-                        log=log, cohort_root=cohort_root, workers=workers,
-                        encoders={k: v for k, v in encoders.items() if k != "pretrained"} or None)
-    timings["finetune_s"] = time.perf_counter() - t0
-    timings["finetune_runs_s"] = float(sum(r["time_s"] for r in comp["runs"]))  # every run's own time, reused ones too
-    reused = sum(bool(r.get("reused_record")) for r in comp["runs"])
-    organs = list(comp["class_names"][1:]) or organ_names(int(cfg["out_channels"]))  # the datalist's classes
-    records = curve_metrics(comp["runs"], organs, int(cfg["ft_final_evals"]))
-
     probe_n = int(probe_size or (2 if 2 in sizes else min(sizes)))
-    log(f"[4/4] linear probes on frozen features ({probe_n} labeled volumes, seeds {seed_list}, arms "
+    log(f"[3/4] linear probes (cheap, so first) on frozen features ({probe_n} labeled volumes, seeds {seed_list}, arms "
         f"{[a for a, _, _ in PROBE_ARMS]})")
     t0 = time.perf_counter()
     probe_dir = os.path.join(out, "probe")
@@ -549,6 +538,17 @@ def run_study(
             for seed in seed_list for arm, feat, ckpt in PROBE_ARMS if ckpt is None or ckpt in encoders]
     probe_records = [rec for _, rec in sorted(run_jobs(jobs, workers), key=lambda x: x[0])]
     timings["probe_s"] = time.perf_counter() - t0
+
+    log(f"[4/4] fine-tuning: sizes {sizes} x seeds {seed_list} x arms random, {', '.join(encoders)}; {workers} at a time")
+    t0 = time.perf_counter()
+    comp = compare_init(cfg, sizes, seed_list, best, logdir=os.path.join(out, "compare"), progress=progress,
+                        log=log, cohort_root=cohort_root, workers=workers,
+                        encoders={k: v for k, v in encoders.items() if k != "pretrained"} or None)
+    timings["finetune_s"] = time.perf_counter() - t0
+    timings["finetune_runs_s"] = float(sum(r["time_s"] for r in comp["runs"]))  # every run's own time, reused ones too
+    reused = sum(bool(r.get("reused_record")) for r in comp["runs"])
+    organs = list(comp["class_names"][1:]) or organ_names(int(cfg["out_channels"]))  # the datalist's classes
+    records = curve_metrics(comp["runs"], organs, int(cfg["ft_final_evals"]))
 
     family = comparison_family(sizes, arms)
     m = len(family)

@@ -4,6 +4,7 @@
     python -m ssl_utils.sweeps pretrain --out results/ssl_sweep --only h192_lr1e-3
     python -m ssl_utils.sweeps finetune --out results/ft_sweep             # fine-tuning, tuning split only
     python -m ssl_utils.sweeps precision --out results/precision           # bf16 against fp32, part by part
+    python -m ssl_utils.sweeps precision --gradients_only                  # the same settings, one batch each
     python -m ssl_utils.sweeps temperature --out results/precision         # the loss terms' gradients
     python -m ssl_utils.sweeps conv-audit --out results/precision          # each convolution in bf16 vs fp64
     python -m ssl_utils.sweeps precision-finetune --out results/precision/finetune   # UNETR, bf16 and fp32
@@ -20,7 +21,8 @@ histories go under ``--runs`` (default ``runs/ssl_sweep``).
 kept in fp32, and in bf16 with one part at a time kept in fp32 (``fp32_parts``); fp32 and bf16 also
 at two more seeds (the control: a run that escapes the reconstruction plateau by seed luck looks
 like a precision effect). Each row also has the one-batch relative error of the encoder's gradient
-against fp64 (``gradient_error``). Same files as ``pretrain`` (under ``results/precision``).
+against fp64 (``gradient_error``). Same files as ``pretrain`` (under ``results/precision``). With
+``--gradients_only`` every setting gets that one-batch gradient check alone, untrained (``gradients.md``).
 
 ``precision-finetune``: the demo's fine-tuning recipe (random initialisation, ``FT_SWEEP_BASE``: the
 tuning split, final Dice = mean of the last 3 evaluations) in bf16 autocast and in fp32, same seed, side
@@ -296,6 +298,65 @@ def run_precision_sweep(out: str = "results/precision", only: list[str] | None =
     return run_pretrain_sweep(out, only, runs_root, cohort_root, log, preset, settings=PRECISION_SETTINGS,
                               base=PRECISION_BASE, header=lambda root: _precision_header(root, preset), table=precision_table,
                               extra=_precision_extra)
+
+
+def run_gradient_bisection(out: str = "results/precision", cohort_root: str = "data/synthetic", log=print,
+                           preset: str = "demo") -> list[dict[str, Any]]:
+    """The one-batch half of the bisection, for every setting of ``PRECISION_SETTINGS`` at the preset's seed:
+    ``gradient_error`` of the untrained model on the first validation batch (no training, seconds per
+    setting). Writes ``gradients.json`` / ``gradients.md`` in ``out``; the trained rows stay in ``sweep.md``."""
+    from .config import get_config
+    from .datasets import pretrain_data
+    from .pretrain import resolve_ssl_data, ssl_precision
+
+    rows = []
+    batch = None
+    for name, overrides, why in PRECISION_SETTINGS:
+        if "seed" in overrides:
+            continue
+        cfg = get_config(preset, **{**PRECISION_BASE, **overrides})
+        if batch is None:
+            data_root, json_path = resolve_ssl_data(cfg, None, None, cohort_root)
+            val = pretrain_data(cfg, json_path, data_root, progress=False, log=lambda msg: None).val
+            batch = _first_val_batch(cfg, val)
+        precision = ssl_precision(cfg, torch.device("cpu"))
+        parts = list(cfg["fp32_parts"]) if precision.dtype is not None else []
+        row = {"name": name, "why": why, "precision": precision.name, "fp32_parts": parts, "seed": cfg["seed"],
+               **gradient_error(cfg, batch, precision)}
+        rows.append(row)
+        log(f"[{name}] encoder gradient error median {row['grad_error_encoder_median']:.1e} "
+            f"(max {row['grad_error_encoder_max']:.1e}), head {row['grad_error_head_median']:.1e}")
+    write_json(os.path.join(out, "gradients.json"), rows)
+    write_text(os.path.join(out, "gradients.md"), _gradients_header(preset) + gradients_table(rows))
+    return rows
+
+
+def _gradients_header(preset: str) -> str:
+    from .runtime import cpu_model
+
+    return (
+        f"# Mixed precision, one batch: each bisection setting's gradient against fp64 ({preset} pre-training)\n\n"
+        "Every setting of the bisection (results/precision/sweep.md) at the preset's seed, untrained: ViTAutoEnc built "
+        "with the setting's precision policy, one validation batch (4 volumes x 2 fixed views) through the loss "
+        "r + c r, the gradient compared with the same weights' gradient in fp64: relative error |g - g64| / |g64| "
+        "per parameter, median and largest over the encoder's parameters (all but the reconstruction head), median "
+        "over the head's. bf16 rounding alone gives about 1e-2; an error near 1 means the gradient is wrong, and "
+        "every update built on it is noise. No training here: the trained rows are in sweep.md.\n\n"
+        f"Machine: {cpu_model()}; torch {torch.__version__}; table written {time.strftime('%Y-%m-%d')}. Re-run: "
+        "`python -m ssl_utils.sweeps precision --gradients_only --out results/precision` (seconds).\n\n"
+    )
+
+
+def gradients_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| setting | precision | kept in fp32 | encoder grad error, median | max | head grad error, median | "
+            "gradient |\n|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        verdict = "wrong" if r["grad_error_encoder_median"] > 0.1 else "right"
+        lines.append(f"| {r['name']} | {r['precision']} | {', '.join(r['fp32_parts']) or '-'} | "
+                     f"{r['grad_error_encoder_median']:.1e} | {r['grad_error_encoder_max']:.1e} | "
+                     f"{r['grad_error_head_median']:.1e} | **{verdict}** |")
+    return head + "\n".join(lines) + "\n"
 
 
 def _precision_header(cohort_root: str, preset: str = "demo") -> str:
@@ -769,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--only", nargs="*", help="setting names to run (default: all)")
     q.add_argument("--runs", default="runs/precision", help="folder for the runs' checkpoints (default: runs/precision)")
     q.add_argument("--cohort_root", default="data/synthetic", help="where the embedded cohort is (default: data/synthetic)")
+    q.add_argument("--gradients_only", action="store_true",
+                   help="no training: every setting's one-batch gradient error against fp64 (gradients.md, seconds)")
     pf = sub.add_parser("precision-finetune", help="the demo's fine-tuning in bf16 and in fp32 (tuning split)")
     pf.add_argument("--out", default="results/precision/finetune", help="folder for the table, figure and data")
     pf.add_argument("--runs", default="runs/precision_ft", help="folder for the runs' checkpoints (default: runs/precision_ft)")
@@ -801,6 +864,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.what == "temperature":
         print(temperature_table(run_temperature_gradients(args.out, args.runs, args.cohort_root)))
+        return 0
+    if args.what == "precision" and args.gradients_only:
+        print(gradients_table(run_gradient_bisection(args.out, args.cohort_root)))
         return 0
     if args.what == "precision":
         rows = run_precision_sweep(args.out, args.only, args.runs, args.cohort_root)
