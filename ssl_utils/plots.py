@@ -670,3 +670,48 @@ def plot_compare_curves(results: dict[str, Any], path: str | None = None):
 # ============================================================================================
 # study
 # ============================================================================================
+
+
+# ============================================================================================
+# the study
+# ============================================================================================
+
+
+def plot_study(records: Sequence[dict[str, Any]], probe: Sequence[dict[str, Any]], path: str | None = None,
+               arm_names: dict[str, str] | None = None):
+    """The study's figure: mean ± sd validation Dice curves per arm and training-set size, plus the
+    probe's curves (every probe arm, the baselines included); ``arm_names`` labels the arms (default:
+    the arm keys)."""
+    sizes = sorted({r["size"] for r in records})
+    panels = len(sizes) + (1 if probe else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.9), squeeze=False)
+    from .organs import count_label
+
+    colours = {"random": "tab:gray", "pretrained": "tab:red", "mae": "tab:purple", "control": "tab:orange",
+               "patch_embedding": "tab:blue", "intensity": "tab:green"}
+    classes = list(records[0].get("per_organ", {})) if records else []  # the foreground classes
+
+    def draw(ax, recs, title):
+        for arm in colours:
+            curves = [r["curve"] for r in recs if r["arm"] == arm]
+            if not curves:
+                continue
+            its = np.array([c[0] for c in curves[0]], dtype=float)
+            vals = np.array([[c[1] for c in cur] for cur in curves if len(cur) == len(its)], dtype=float) * 100
+            mean, sd = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(its))
+            for v in vals:
+                ax.plot(its, v, color=colours[arm], alpha=0.25, lw=0.8)
+            ax.plot(its, mean, color=colours[arm], lw=2, label=f"{(arm_names or {}).get(arm, arm)} (n={len(vals)})")
+            ax.fill_between(its, mean - sd, mean + sd, color=colours[arm], alpha=0.15)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"validation mean Dice, {count_label(classes)} (%)" if classes else "validation mean Dice (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+
+    for ax, n in zip(axes[0], sizes):
+        draw(ax, [r for r in records if r["size"] == n], f"fine-tuning, {n} labeled volumes")
+    if probe:
+        draw(axes[0][-1], probe, "linear probe on frozen features")
+    fig.tight_layout()
+    return _save(fig, path)
