@@ -47,7 +47,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -228,42 +227,6 @@ def model_config(s: dict[str, Any], **overrides: Any) -> Any:
 # ------------------------------------------------------------------------------------------------
 # machine
 # ------------------------------------------------------------------------------------------------
-
-
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """CPU model, cores, memory, library versions, bf16 support, GPU (if any), load average."""
-    import monai
-
-    from ssl_utils.runtime import amp_dtype, cpu_model, cpu_supports_bf16
-
-    cpu = cpu_model()
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")(),
-        "cpu_bf16": cpu_supports_bf16(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "monai": monai.__version__,
-        "device": str(device),
-        "auto_precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device, "auto")],
-    }
-    try:
-        import psutil
-
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except Exception:  # pragma: no cover
-        pass
-    if hasattr(os, "getloadavg"):
-        info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
-                    gpu_count=torch.cuda.device_count(), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
-    return info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1219,7 +1182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.child:
         child_main(args)
         return {}
-    from ssl_utils.runtime import amp_dtype, select_device
+    from ssl_utils.runtime import amp_dtype, machine_info, select_device
 
     sections, memory = _sections_and_memory(args)
     device = select_device(args.device)

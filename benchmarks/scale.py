@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -469,13 +468,10 @@ def write_figure(result: dict[str, Any], out: str) -> None:
 
 
 def machine() -> dict[str, Any]:
-    """``benchmarks/run.py``'s machine description (CPU, cores, memory, versions, load)."""
-    import torch
+    """The machine description every report carries (``ssl_utils.runtime.machine_info``), on the CPU."""
+    from ssl_utils.runtime import machine_info
 
-    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(ROOT, "benchmarks", "run.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.machine_info(torch.device("cpu"))
+    return machine_info("cpu")
 
 
 def main(argv: list[str] | None = None) -> int:

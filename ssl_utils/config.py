@@ -406,8 +406,10 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         # - hidden 96 (43x bottleneck): wider tokens did not help at 0.05 (hidden 192 / 384: 0.81 / 0.84x)
         #   and little at 1.0 (hidden 192: 0.49x against 0.52x, for 1.5x the time, and a larger UNETR);
         # - 60 epochs at Adam 1e-3 (2-epoch warm-up, cosine): about 1.5 minutes here;
-        # - pre-training in fp32 (ssl_amp="off"; fine-tuning keeps amp="auto"): with bf16 autocast on a
-        #   bf16 CPU the same run stalled at 0.80x and took 2.2 s per epoch against 1.3 s in fp32.
+        # - pre-training in fp32 (ssl_amp="off"; fine-tuning keeps amp="auto"): the faster of the two
+        #   precisions that learn. With the precision policy (fp32_parts) bf16 learns as fp32 does (0.52x
+        #   the constant, both), but this small ViT runs slower in bf16 on a bf16 CPU: 14.3 s per epoch
+        #   against 3.6 s in fp32, one thread each (results/precision/sweep.md; docs/performance.md).
         "hidden_size": 96,
         "mlp_dim": 192,
         "num_heads": 4,

@@ -23,12 +23,6 @@ from .io import write_json  # noqa: E402 (no torch import)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _machine() -> str:
-    from .runtime import cpu_model
-
-    return f"{cpu_model()}, {os.cpu_count()} cores"
-
-
 def run_notebook(name: str, out_dir: str, parameters: dict, timeout: int) -> float:
     """Execute ``name`` with papermill into ``out_dir``, then clean the copy for a static page
     (``clean_notebook``: paths relative to the repository); returns the seconds it took."""
@@ -87,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"ssl_finetune.ipynb: {timings['ssl_finetune_s'] / 60:.1f} min")
     timings["total_s"] = time.perf_counter() - t0
-    summary = {"preset": args.preset, "machine": _machine(), "date": time.strftime("%Y-%m-%d"), **timings}
+    from .runtime import machine_line
+
+    summary = {"preset": args.preset, "machine": machine_line(), "date": time.strftime("%Y-%m-%d"), **timings}
     write_json(os.path.join(out_dir, "demo_summary.json"), summary)
     print(f"demo done in {timings['total_s'] / 60:.1f} min on {summary['machine']}; executed notebooks in {out_dir}")
     table = os.path.join(REPO, args.ft_logdir, "compare", "results_table.md")

@@ -36,15 +36,21 @@ def _vit_arguments(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"in_channels": 1, "img_size": (cfg["roi"],) * 3, **{k: cfg[k] for k in keys}}
 
 
-def build_unetr(cfg: Mapping[str, Any]) -> UNETR:
-    """MONAI's plain ``UNETR`` from a config (paper: feature 16, hidden 768, mlp 3072, 12 heads,
-    instance norm, residual blocks, 14 outputs). Input ``[B, 1, roi^3]`` -> logits
-    ``[B, out_channels, roi^3]``."""
+def check_unetr_encoder(cfg: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless the config's ViT is one UNETR can hold: MONAI's UNETR fixes its
+    ViT at 12 transformer layers and patch size 16."""
     if cfg["num_layers"] != 12 or cfg["patch_size"] != 16:
         raise ValueError(
             "UNETR uses 12 transformer layers and patch size 16; "
             f"this config has num_layers={cfg['num_layers']}, patch_size={cfg['patch_size']}"
         )
+
+
+def build_unetr(cfg: Mapping[str, Any]) -> UNETR:
+    """MONAI's plain ``UNETR`` from a config (paper: feature 16, hidden 768, mlp 3072, 12 heads,
+    instance norm, residual blocks, 14 outputs). Input ``[B, 1, roi^3]`` -> logits
+    ``[B, out_channels, roi^3]``."""
+    check_unetr_encoder(cfg)
     return UNETR(
         out_channels=cfg["out_channels"],
         feature_size=cfg["feature_size"],

@@ -205,35 +205,67 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarra
     return np.asarray(e, dtype=float), np.asarray(v, dtype=float)
 
 
-_BASELINES = (  # history key, label, colour, line style
-    ("val_const_l1", "predict the crop's mean", "tab:red", "--"),
-    ("val_copy_l1_1", "copy view 1", "tab:purple", ":"),
-    ("val_copy_l1_2", "copy view 2", "tab:brown", ":"),
-)
+# what the loss panel draws for each pretext: its title, the curves (history key, label, style, colour; the
+# first is training), the baselines on the same fixed validation crops (key, label, colour, line style; one
+# level each) and the baseline the best validation loss is read against (key, its name in the annotation)
+_LOSS_PANELS = {
+    "views": dict(
+        title="reconstruction L1 to the clean crop",
+        curves=(("train_recon", "training (view 1)", "-", "tab:blue"),
+                ("val_recon", "validation, view 1", "o-", "tab:orange"),
+                ("val_recon_2", "validation, view 2", "s-", "tab:green")),
+        baselines=(("val_const_l1", "predict the crop's mean", "tab:red", "--"),
+                   ("val_copy_l1_1", "copy view 1", "tab:purple", ":"),
+                   ("val_copy_l1_2", "copy view 2", "tab:brown", ":")),
+        reference=("val_const_l1", "the constant"),
+    ),
+    "mae": dict(
+        title="masked-patch loss (masked patches only)",
+        curves=(("train_recon", "training (random masks)", "-", "tab:blue"),
+                ("val_recon", "validation (fixed masks)", "o-", "tab:orange")),
+        baselines=(("val_patch_mean", "each masked patch's own mean", "tab:red", "--"),
+                   ("val_visible_mean", "the mean visible patch", "tab:purple", ":")),
+        reference=("val_patch_mean", "each patch's own mean"),
+    ),
+}
 
 
-def _plot_recon_panel(ax, rows: list[dict[str, Any]]) -> None:
-    e, v = _series(rows, "train_recon")
-    ax.plot(e, v, "-", color="tab:blue", label="training (view 1)", marker="." if len(e) < 40 else None)
-    for key, label, style in (("val_recon", "validation, view 1", "o-"), ("val_recon_2", "validation, view 2", "s-")):
+def history_pretext(history: Any) -> str:
+    """``"mae"`` or ``"views"``: the pretext a pre-training history comes from. An MAE history validates
+    against ``val_patch_mean``, a two-view one against ``val_const_l1``; before its first validation an
+    MAE history is the one whose contrastive term is 0 in every epoch (it has none)."""
+    rows = _history_rows(history)
+    if any("val_patch_mean" in r for r in rows):
+        return "mae"
+    if any("val_const_l1" in r for r in rows):
+        return "views"
+    return "mae" if all(r.get("train_contrastive") == 0 for r in rows) else "views"
+
+
+def _plot_loss_panel(ax, rows: list[dict[str, Any]], pretext: str) -> None:
+    spec = _LOSS_PANELS[pretext]
+    for i, (key, label, style, colour) in enumerate(spec["curves"]):
         e, v = _series(rows, key)
-        if len(e):
-            ax.plot(e, v, style, color="tab:orange" if key == "val_recon" else "tab:green", ms=3.5, label=label)
-    for key, label, colour, style in _BASELINES:
+        if i == 0:
+            ax.plot(e, v, style, color=colour, label=label, marker="." if len(e) < 40 else None)
+        elif len(e):
+            ax.plot(e, v, style, color=colour, ms=3.5, label=label)
+    for key, label, colour, style in spec["baselines"]:
         e, v = _series(rows, key)
-        if len(e):  # the same fixed views every time: one level per baseline
+        if len(e):  # the same fixed crops every time: one level per baseline
             ax.axhline(float(np.mean(v)), color=colour, ls=style, lw=1.2, label=f"baseline: {label} ({np.mean(v):.3f})")
     best = [r for r in rows if r.get("val_recon") is not None]
     if best:
         b = min(best, key=lambda r: r["val_recon"])
         text = f"best {b['val_recon']:.3f} (epoch {b['epoch']})"
-        if b.get("val_const_l1"):
-            text += f"\n= {b['val_recon'] / b['val_const_l1']:.2f} x the constant"
+        ref_key, ref_name = spec["reference"]
+        if b.get(ref_key):
+            text += f"\n= {b['val_recon'] / b[ref_key]:.2f} x {ref_name}"
         late = b["epoch"] > (rows[0]["epoch"] + rows[-1]["epoch"]) / 2
         ax.annotate(text, (b["epoch"], b["val_recon"]), textcoords="offset points", xytext=(-6 if late else 6, -28),
                     ha="right" if late else "left", fontsize=8, color="tab:orange")
     ax.set_ylim(bottom=0)
-    ax.set_title("reconstruction L1 to the clean crop")
+    ax.set_title(spec["title"])
     ax.legend(loc="best", fontsize=7, framealpha=0.85)
 
 
@@ -256,8 +288,10 @@ def _plot_probe_panel(ax, rows: list[dict[str, Any]]) -> None:
     ax.legend(loc="lower right", fontsize=7)
 
 
-def plot_ssl_history(history: Any, path: str | None = None):
-    """Pre-training curves against epoch, on linear axes, four panels:
+def plot_ssl_history(history: Any, path: str | None = None, pretext: str | None = None):
+    """Pre-training curves against epoch, on linear axes.
+
+    Two-view pretext (``pretext="views"``), four panels:
 
     1. reconstruction L1 ``r``: training (view 1, every epoch) and validation (view 1 and view 2,
        fixed views), with the baselines on the same views as horizontal lines: predicting each
@@ -265,17 +299,30 @@ def plot_ssl_history(history: Any, path: str | None = None):
     2. the probe monitor's mean Dice (``probe_every`` > 0) against the untrained encoder's;
     3. the contrastive loss ``c``; 4. the total loss ``r + c*r``.
 
+    Masked autoencoder (``"mae"``), two panels: the masked-patch loss, training (random masks) and
+    validation (fixed masks), with its baselines on the same masks (each masked patch's own mean,
+    the mean visible patch); and the probe monitor as above. An MAE has no contrastive term, and
+    its total is its masked-patch loss.
+
     ``history``: ``pretrain(...)["history"]`` (a list of per-epoch dicts), the whole result, a
-    column dict or a path to ``history.json``. Returns the figure; saves it when ``path`` is given.
+    column dict or a path to ``history.json``. ``pretext``: ``None`` reads it from the history
+    (``history_pretext``). Returns the figure; saves it when ``path`` is given.
     """
     from matplotlib.ticker import MaxNLocator
 
     rows = _history_rows(history)
-    fig, axes = plt.subplots(2, 2, figsize=(12, 7.6))
-    _plot_recon_panel(axes[0, 0], rows)
+    pretext = pretext or history_pretext(rows)
+    if pretext not in _LOSS_PANELS:
+        raise ValueError(f"pretext={pretext!r}; expected one of {sorted(_LOSS_PANELS)}")
+    if pretext == "mae":
+        fig, axes = plt.subplots(1, 2, figsize=(12, 3.9), squeeze=False)
+    else:
+        fig, axes = plt.subplots(2, 2, figsize=(12, 7.6))
+    _plot_loss_panel(axes[0, 0], rows, pretext)
     _plot_probe_panel(axes[0, 1], rows)
-    for ax, (tkey, vkey, title) in zip(axes[1], (("train_contrastive", "val_contrastive", "contrastive  c"),
-                                                 ("train_total", "val_total", "total loss  r + c·r"))):
+    lower = (("train_contrastive", "val_contrastive", "contrastive  c"),
+             ("train_total", "val_total", "total loss  r + c·r"))
+    for ax, (tkey, vkey, title) in zip(axes[1], lower) if pretext == "views" else ():
         e, v = _series(rows, tkey)
         ax.plot(e, v, "-", color="tab:blue", label="training", marker="." if len(e) < 40 else None)
         e, v = _series(rows, vkey)
@@ -289,32 +336,35 @@ def plot_ssl_history(history: Any, path: str | None = None):
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(True, alpha=0.3)
-    fig.suptitle("Self-supervised pre-training", y=1.0)
+    name = "masked autoencoder" if pretext == "mae" else "two corrupted views"
+    fig.suptitle(f"Self-supervised pre-training ({name})", y=1.0)
     fig.tight_layout()
     return _save(fig, path)
 
 
-def _first_crop(sample: Any) -> tuple[dict[str, Any], np.ndarray | None]:
-    """One crop ``{"image", "image_2", "gt_image"}`` with ``[1, X, Y, Z]`` tensors, from a crop, a
+def _first_crop(
+    sample: Any, keys: Sequence[str] = ("gt_image", "image", "image_2")
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """One crop ``{key: [1, X, Y, Z] tensor}`` for ``keys`` (default: a two-view crop's), from a crop, a
     list of crops (what the pre-training dataset returns per volume) or a collated batch, and the
     crop's 4x4 affine when it carries one (a MONAI ``MetaTensor``), else ``None``."""
     if isinstance(sample, (list, tuple)):
         if not sample:
-            raise ValueError("empty sample: expected a crop dict with 'image', 'image_2', 'gt_image'")
+            raise ValueError(f"empty sample: expected a crop dict with {list(keys)}")
         sample = sample[0]
-    missing = [k for k in ("gt_image", "image", "image_2") if k not in sample]
+    missing = [k for k in keys if k not in sample]
     if missing:
         raise KeyError(f"sample has no {missing} (keys present: {sorted(sample)}); expected a pre-training crop")
     import torch
 
     from .datasets import plain_tensor
 
-    affine = getattr(sample["gt_image"], "affine", None)
+    affine = getattr(sample[keys[0]], "affine", None)
     if affine is not None:
         affine = np.asarray(affine, dtype=float)
         affine = affine[0] if affine.ndim == 3 else affine  # collated: one affine per crop
     out = {}
-    for k in ("gt_image", "image", "image_2"):
+    for k in keys:
         t = torch.as_tensor(np.asarray(sample[k])) if not isinstance(sample[k], torch.Tensor) else sample[k]
         t = plain_tensor(t)  # MetaTensor -> Tensor
         if t.ndim == 5:  # collated batch: first crop
@@ -352,15 +402,21 @@ def _orientation_marks(ax) -> None:
         ax.text(x, y, text, color="w", transform=ax.transAxes, fontsize=7, weight="bold", ha=ha, va=va, bbox=box)
 
 
-def _reconstruct(model: Any, crop: dict[str, Any], precision_or_device: Any) -> Any:
+def _device_autocast(precision_or_device: Any) -> tuple[Any, Any]:
+    """``(device, autocast context factory)`` of a ``runtime.Precision``, or of a device (no autocast)."""
     import contextlib
 
     import torch
 
     if hasattr(precision_or_device, "autocast") and hasattr(precision_or_device, "device"):
-        device, autocast = precision_or_device.device, precision_or_device.autocast
-    else:
-        device, autocast = torch.device(precision_or_device or "cpu"), contextlib.nullcontext
+        return precision_or_device.device, precision_or_device.autocast
+    return torch.device(precision_or_device or "cpu"), contextlib.nullcontext
+
+
+def _reconstruct(model: Any, crop: dict[str, Any], precision_or_device: Any) -> Any:
+    import torch
+
+    device, autocast = _device_autocast(precision_or_device)
     was_training = model.training
     model.eval()
     try:
@@ -424,6 +480,123 @@ def plot_views_and_reconstructions(
     title = "Two corrupted views of one crop" + (" and their reconstructions" if model is not None else "")
     title += (f"\nbaselines for this crop (L1 to clean): predict its mean {constant:.3f}, "
               f"copy view 1 {l1[1]:.3f}, copy view 2 {l1[2]:.3f}")
+    fig.suptitle(title, y=1.0, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _mae_mask(n_tokens: int, ratio: float, seed: int) -> Any:
+    """``[1, n_tokens]`` int, 1 = masked: the draw of MONAI's ``MaskedAutoEncoderViT._masking`` (it keeps
+    ``int((1 - ratio) * n_tokens)`` patches) under ``seed``, the global random state left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        keep = torch.multinomial(torch.ones(1, n_tokens), int((1 - ratio) * n_tokens), replacement=False)
+    mask = torch.ones(1, n_tokens, dtype=torch.int)
+    mask[0, keep[0]] = 0
+    return mask
+
+
+def _mae_predict(model: Any, crop: Any, seed: int, precision_or_device: Any) -> tuple[Any, Any]:
+    """The MAE's ``(prediction [1, tokens, voxels], mask [1, tokens])`` for one crop ``[1, 1, X, Y, Z]``,
+    its mask drawn under ``seed`` (the global random state left as it was); eval mode, restored."""
+    import torch
+
+    device, autocast = _device_autocast(precision_or_device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), autocast():
+            torch.manual_seed(seed)  # the mask's indices come from the CPU generator
+            pred, mask = model(crop.to(device))
+        return pred.float().cpu(), mask.cpu()
+    finally:
+        model.train(was_training)
+
+
+def plot_masked_reconstruction(
+    model: Any,
+    sample: Any,
+    cfg: Any,
+    precision_or_device: Any = "cpu",
+    path: str | None = None,
+    n_slices: int = 4,
+    seed: int | None = None,
+):
+    """The masked autoencoder on one crop, slice by slice: the clean crop, the encoder's input (the
+    masked patches blanked, in blue), and, with a model, the baseline ``each masked patch at its own
+    mean`` and the MAE's reconstruction (visible patches copied from the input, masked ones predicted).
+    Rows are images, columns ``n_slices`` evenly spaced axial slices on the [0, 1] intensity scale, in
+    the radiological display of every other figure. The baseline and the reconstruction are labelled
+    with their masked-patch loss, in the loss's own space (``mae_loss`` on ``mae_target``), and the
+    title gives the mean visible patch's.
+
+    With ``mae_norm_target`` the network predicts each masked patch normalised to zero mean and unit
+    variance; it is drawn at the true patch's mean and standard deviation, so the picture shows the
+    structure it predicted inside each patch, not the patch's brightness, which it was never asked for.
+
+    ``model``: a ``MaskedAutoEncoderViT`` (``ssl_utils.mae.build_mae``); ``None`` draws the first two
+    rows only, with a mask drawn as the model draws it. ``sample``: one crop (``{"image": [1, roi^3]}``),
+    a list of crops (what the dataset returns per volume) or a collated batch (its first crop).
+    ``cfg``: ``patch_size``, ``mae_mask_ratio``, ``mae_norm_target``, ``mae_loss``; ``seed`` (default
+    ``cfg["val_seed"]``) fixes the mask. Returns the figure; saves it (PNG) when ``path`` is given.
+    """
+    import torch
+
+    from .mae import mae_baselines, mae_loss, mae_target, patchify, unpatchify
+
+    crop, affine = _first_crop(sample, keys=("image",))
+    x = crop["image"][None]  # [1, 1, X, Y, Z]
+    p, ratio, kind = int(cfg["patch_size"]), float(cfg["mae_mask_ratio"]), cfg["mae_loss"]
+    seed = int(cfg["val_seed"] if seed is None else seed)
+    patches = patchify(x, p)  # [1, tokens, p^3], intensities
+    n = patches.shape[1]
+    if model is None:
+        pred, mask = None, _mae_mask(n, ratio, seed)
+    else:
+        pred, mask = _mae_predict(model, x, seed, precision_or_device)
+    hidden = mask.bool()[..., None]  # [1, tokens, 1]
+    blanked = torch.where(hidden, torch.full_like(patches, float("nan")), patches)
+    images = [("clean crop", x), (f"encoder input: {n - int(mask.sum())} of {n} patches\n(masked ones blanked)",
+                                  unpatchify(blanked, p, x.shape))]
+    title = f"Masked autoencoder: {int(mask.sum())} of {n} patches of {p}³ voxels masked"
+    if pred is not None:
+        target = mae_target(x, p, bool(cfg["mae_norm_target"]))
+        own_mean, visible_mean = mae_baselines(target, mask, kind).tolist()
+        loss = mae_loss(pred, target, mask, kind).item()
+        shown = pred
+        if cfg["mae_norm_target"]:  # back to intensities at each true patch's mean and sd
+            mean = patches.mean(dim=-1, keepdim=True)
+            sd = (patches.var(dim=-1, keepdim=True, unbiased=False) + 1e-6).sqrt()
+            shown = pred * sd + mean
+        baseline = torch.where(hidden, patches.mean(dim=-1, keepdim=True).expand_as(patches), patches)
+        recon = torch.where(hidden, shown, patches)
+        ratio_text = f" ({loss / own_mean:.2f} x own mean)" if own_mean > 0 else ""
+        images += [
+            (f"baseline: each masked patch\nat its own mean, loss {own_mean:.3f}", unpatchify(baseline, p, x.shape)),
+            (f"MAE reconstruction\nloss {loss:.3f}{ratio_text}", unpatchify(recon, p, x.shape)),
+        ]
+        title += (f"\nmasked-patch loss ({kind}{', per-patch-normalised targets' if cfg['mae_norm_target'] else ''}); "
+                  f"the mean visible patch scores {visible_mean:.3f}")
+        if cfg["mae_norm_target"]:
+            title += "\npredicted patches drawn at their true mean and sd: the structure is the network's"
+    images = [(name, to_ras(vol[0, 0].numpy(), affine)) for name, vol in images]
+    depth = images[0][1].shape[2]
+    n_slices = max(1, min(int(n_slices), depth))
+    zs = np.linspace(0, depth - 1, n_slices + 2)[1:-1].round().astype(int)
+    cmap = plt.get_cmap("gray").with_extremes(bad="#3b6ea8")  # blue: the blanked (masked) patches
+    fig, axes = plt.subplots(len(images), n_slices, figsize=(2.1 * n_slices, 2.2 * len(images)), squeeze=False)
+    for i, (name, vol) in enumerate(images):
+        for j, z in enumerate(zs):
+            ax = axes[i, j]
+            ax.imshow(radiological_axial(vol, z), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            _orientation_marks(ax)
+            if i == 0:
+                ax.set_title(f"axial slice {z} (of {depth}, inferior first)", fontsize=8)
+        axes[i, 0].set_ylabel(name, fontsize=8)
     fig.suptitle(title, y=1.0, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
@@ -670,3 +843,48 @@ def plot_compare_curves(results: dict[str, Any], path: str | None = None):
 # ============================================================================================
 # study
 # ============================================================================================
+
+
+# ============================================================================================
+# the study
+# ============================================================================================
+
+
+def plot_study(records: Sequence[dict[str, Any]], probe: Sequence[dict[str, Any]], path: str | None = None,
+               arm_names: dict[str, str] | None = None):
+    """The study's figure: mean ± sd validation Dice curves per arm and training-set size, plus the
+    probe's curves (every probe arm, the baselines included); ``arm_names`` labels the arms (default:
+    the arm keys)."""
+    sizes = sorted({r["size"] for r in records})
+    panels = len(sizes) + (1 if probe else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.9), squeeze=False)
+    from .organs import count_label
+
+    colours = {"random": "tab:gray", "pretrained": "tab:red", "mae": "tab:purple", "control": "tab:orange",
+               "patch_embedding": "tab:blue", "intensity": "tab:green"}
+    classes = list(records[0].get("per_organ", {})) if records else []  # the foreground classes
+
+    def draw(ax, recs, title):
+        for arm in colours:
+            curves = [r["curve"] for r in recs if r["arm"] == arm]
+            if not curves:
+                continue
+            its = np.array([c[0] for c in curves[0]], dtype=float)
+            vals = np.array([[c[1] for c in cur] for cur in curves if len(cur) == len(its)], dtype=float) * 100
+            mean, sd = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(its))
+            for v in vals:
+                ax.plot(its, v, color=colours[arm], alpha=0.25, lw=0.8)
+            ax.plot(its, mean, color=colours[arm], lw=2, label=f"{(arm_names or {}).get(arm, arm)} (n={len(vals)})")
+            ax.fill_between(its, mean - sd, mean + sd, color=colours[arm], alpha=0.15)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(f"validation mean Dice, {count_label(classes)} (%)" if classes else "validation mean Dice (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+
+    for ax, n in zip(axes[0], sizes):
+        draw(ax, [r for r in records if r["size"] == n], f"fine-tuning, {n} labeled volumes")
+    if probe:
+        draw(axes[0][-1], probe, "linear probe on frozen features")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -140,7 +140,7 @@ def write_table(out: str, cohort_root: str = "data/synthetic") -> list[dict[str,
 
 
 def _header(cohort_root: str) -> str:
-    from .runtime import cpu_model
+    from .runtime import machine_line
     from .sweeps import _cohort_meta
 
     cohort = _cohort_meta(cohort_root)
@@ -153,7 +153,7 @@ def _header(cohort_root: str) -> str:
         f"{PRETEXT_SWEEP_BASE['probe_fit_volumes']}, scored on the next {PRETEXT_SWEEP_BASE['probe_score_volumes']}; "
         "mean Dice over the 13 organs, final probe; the untrained encoder's probe beside it). The tuning and validation "
         "splits are not read.\n\n"
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores (other work shared them); table written "
+        f"Machine: {machine_line()} (other work shared it); table written "
         f"{time.strftime('%Y-%m-%d')}. Cohort: {cohort.get('n_unlabeled', '?')} unlabeled volumes "
         f"({cohort.get('n_unlabeled_val', '?')} validation), {cohort.get('unlabeled_kind', '?')} unless the row says "
         "abdomen. Choice rule (fixed before the runs): highest final probe Dice among the MAE settings, a tie within "

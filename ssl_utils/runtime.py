@@ -66,6 +66,53 @@ def cpu_supports_bf16() -> bool:
     return False
 
 
+def machine_info(device: torch.device | str | None = None) -> dict[str, Any]:
+    """The one description of the machine every report carries (the study, the demo, the sweeps, the
+    benchmarks): CPU model, cores, torch threads, bf16 support, memory, library versions, GPU (if any),
+    the precision ``amp="auto"`` picks on ``device`` (default: the best available), load average."""
+    import platform
+
+    import monai
+
+    device = select_device(device)
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "unknown")(),
+        "cpu_bf16": cpu_supports_bf16(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "device": str(device),
+        "auto_precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(device, "auto")],
+    }
+    try:
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:  # pragma: no cover - psutil is a requirement, but the description must not fail
+        pass
+    if hasattr(os, "getloadavg"):
+        info["load_average_start"] = [round(x, 2) for x in os.getloadavg()]
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(device if device.type == "cuda" else 0)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    gpu_count=torch.cuda.device_count(), cuda=torch.version.cuda,
+                    cudnn=torch.backends.cudnn.version())
+    return info
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """``machine_info`` in one line, for a report's header: CPU, cores, bf16, memory, GPU, torch."""
+    info = machine_info() if info is None else info
+    gpu = f"{info['gpu']} ({info['gpu_memory_gb']} GB)" if info.get("gpu") else "no GPU"
+    memory = f", {info['memory_gb']} GB RAM" if "memory_gb" in info else ""
+    return (f"{info['cpu']}, {info['logical_cores']} cores (bf16: {'yes' if info['cpu_bf16'] else 'no'}){memory}, "
+            f"{gpu}; torch {info['torch']}, MONAI {info['monai']}")
+
+
 def optimizer_kwargs(device: torch.device | str) -> dict[str, Any]:
     """``{"fused": True}`` where PyTorch has a fused Adam/AdamW kernel (CPU, CUDA): one pass over
     the parameters per step instead of a dozen, and no parameter-sized temporaries."""

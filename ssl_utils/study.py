@@ -39,15 +39,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported;
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _machine() -> str:
-    import torch
-
-    from .runtime import cpu_model
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu_model()}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
-
-
 def _load_history(run: dict[str, Any]) -> list[dict[str, Any]]:
     path = os.path.join(run["logdir"], "history.json")
     with open(path) as f:
@@ -173,48 +164,6 @@ def organs_over(records: Sequence[dict[str, Any]], size: int, arm: str, threshol
     organs = list(sel[0]["per_organ"])
     means = {o: float(np.nanmean([r["per_organ"][o] for r in sel])) for o in organs}
     return [o for o in organs if means[o] > threshold]
-
-
-def plot_study(records: Sequence[dict[str, Any]], probe: Sequence[dict[str, Any]], path: str | None = None):
-    """Mean ± sd validation Dice curves per arm and training-set size, plus the probe's curves
-    (every probe arm, the baselines included)."""
-    import matplotlib.pyplot as plt
-
-    sizes = sorted({r["size"] for r in records})
-    panels = len(sizes) + (1 if probe else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(4.8 * panels, 3.9), squeeze=False)
-    from .organs import count_label
-
-    colours = {"random": "tab:gray", "pretrained": "tab:red", "mae": "tab:purple", "control": "tab:orange",
-               "patch_embedding": "tab:blue", "intensity": "tab:green"}
-    classes = list(records[0].get("per_organ", {})) if records else []  # the foreground classes
-
-    def draw(ax, recs, title):
-        for arm in colours:
-            curves = [r["curve"] for r in recs if r["arm"] == arm]
-            if not curves:
-                continue
-            its = np.array([c[0] for c in curves[0]], dtype=float)
-            vals = np.array([[c[1] for c in cur] for cur in curves if len(cur) == len(its)], dtype=float) * 100
-            mean, sd = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(len(its))
-            for v in vals:
-                ax.plot(its, v, color=colours[arm], alpha=0.25, lw=0.8)
-            ax.plot(its, mean, color=colours[arm], lw=2, label=f"{ARM_NAMES[arm]} (n={len(vals)})")
-            ax.fill_between(its, mean - sd, mean + sd, color=colours[arm], alpha=0.15)
-        ax.set_title(title)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(f"validation mean Dice, {count_label(classes)} (%)" if classes else "validation mean Dice (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left")
-
-    for ax, n in zip(axes[0], sizes):
-        draw(ax, [r for r in records if r["size"] == n], f"fine-tuning, {n} labeled volumes")
-    if probe:
-        draw(axes[0][-1], probe, "linear probe on frozen features")
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return fig
 
 
 # the probe's arms: (arm, features, the encoder arm whose checkpoint it reads, or None)
@@ -556,12 +505,15 @@ def run_study(
     stats, probe_stats = headline_stats(family, records, probe_records, probe_n, adj)
     timings["total_s"] = time.perf_counter() - t_start
 
+    from .plots import plot_study
+    from .runtime import machine_line
+
     fig_path = os.path.join(out, "study_curves.png")
-    plot_study(records, probe_records, fig_path)
+    plot_study(records, probe_records, fig_path, ARM_NAMES)
     over = {str(n): {arm: organs_over(records, n, arm) for arm in ("random", *arms)} for n in sizes}
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": _machine(),
+        "machine": machine_line(),
         "preset": preset,
         "config": cfg.to_dict(),
         "mae_config": mae_cfg.to_dict() if "mae" in arms else None,

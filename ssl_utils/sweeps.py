@@ -182,7 +182,7 @@ def run_pretrain_sweep(out: str, only: list[str] | None = None, runs_root: str =
 
 
 def _sweep_header(cohort_root: str) -> str:
-    from .runtime import cpu_model
+    from .runtime import machine_line
 
     cohort = _cohort_meta(cohort_root)
     return (
@@ -190,7 +190,7 @@ def _sweep_header(cohort_root: str) -> str:
         "Each row is the demo preset with the pre-training settings it had before this sweep "
         f"({', '.join(f'{k}={v}' for k, v in SWEEP_BASE.items())}; amp auto = bf16 autocast on a bf16 CPU) "
         "and the changes named.\n\n"
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores; table written {time.strftime('%Y-%m-%d')}. "
+        f"Machine: {machine_line()}; table written {time.strftime('%Y-%m-%d')}. "
         f"Data: the embedded cohort's unlabeled {cohort.get('unlabeled_kind', '?')} CT, "
         f"{cohort.get('n_unlabeled', '?')} volumes of which {cohort.get('n_unlabeled_val', '?')} validation; "
         "every number is on the validation volumes' fixed views (no labeled volume is read). "
@@ -332,7 +332,7 @@ def run_gradient_bisection(out: str = "results/precision", cohort_root: str = "d
 
 
 def _gradients_header(preset: str) -> str:
-    from .runtime import cpu_model
+    from .runtime import machine_line
 
     return (
         f"# Mixed precision, one batch: each bisection setting's gradient against fp64 ({preset} pre-training)\n\n"
@@ -342,7 +342,7 @@ def _gradients_header(preset: str) -> str:
         "per parameter, median and largest over the encoder's parameters (all but the reconstruction head), median "
         "over the head's. bf16 rounding alone gives about 1e-2; an error near 1 means the gradient is wrong, and "
         "every update built on it is noise. No training here: the trained rows are in sweep.md.\n\n"
-        f"Machine: {cpu_model()}; torch {torch.__version__}; table written {time.strftime('%Y-%m-%d')}. Re-run: "
+        f"Machine: {machine_line()}; table written {time.strftime('%Y-%m-%d')}. Re-run: "
         "`python -m ssl_utils.sweeps precision --gradients_only --out results/precision` (seconds).\n\n"
     )
 
@@ -361,7 +361,7 @@ def gradients_table(rows: list[dict[str, Any]]) -> str:
 
 def _precision_header(cohort_root: str, preset: str = "demo") -> str:
     from .config import get_config
-    from .runtime import cpu_model, cpu_supports_bf16
+    from .runtime import machine_line
 
     cfg = get_config(preset, **PRECISION_BASE)
     cohort = _cohort_meta(cohort_root)
@@ -380,8 +380,7 @@ def _precision_header(cohort_root: str, preset: str = "demo") -> str:
         "one validation batch through the untrained model at the row's seed and precision, the relative error "
         "|g - g64| / |g64| of each parameter's gradient against fp64, median (max) over the encoder's parameters "
         "(everything but the reconstruction head); bf16 rounding alone gives about 1e-2.\n\n"
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores, bf16 support: {cpu_supports_bf16()}; torch "
-        f"{torch.__version__}; one run at a time, with the threads named per row (1 where the machine was busy: "
+        f"Machine: {machine_line()}; one run at a time, with the threads named per row (1 where the machine was busy: "
         "a 2-thread run waits for a descheduled partner thread); table written "
         f"{time.strftime('%Y-%m-%d')}. Other work shared the machine (load average 4 to 11), so the times per "
         "epoch are indicative only (fp32 against bf16 is timed step by step, alternating, in benchmarks/results/). "
@@ -492,7 +491,7 @@ def run_conv_audit(out: str = "results/precision", log=print) -> list[dict[str, 
 
 
 def _conv_audit_header() -> str:
-    from .runtime import cpu_model, cpu_supports_bf16
+    from .runtime import machine_line
 
     return (
         "# Each convolution in bf16 against fp64\n\n"
@@ -501,7 +500,7 @@ def _conv_audit_header() -> str:
         "it sees in a 2-crop forward pass, and a grid of transposed convolutions (32 input channels): the relative "
         "error |x - x64| / |x64| of the output, the input gradient and the weight gradient computed in bf16 against "
         "fp64. bf16 rounding alone gives about 3e-3; **bold**: above 0.05.\n\n"
-        f"Machine: {cpu_model()}, bf16 support: {cpu_supports_bf16()}; torch {torch.__version__} "
+        f"Machine: {machine_line()} "
         f"(oneDNN {'on' if torch.backends.mkldnn.is_available() else 'off'}); table written {time.strftime('%Y-%m-%d')}. "
         "Re-run: `python -m ssl_utils.sweeps conv-audit --out results/precision` (seconds).\n\n"
     )
@@ -602,7 +601,7 @@ def run_temperature_gradients(out: str = "results/precision", runs_root: str = "
 
 def _temperature_header() -> str:
     from .config import get_config
-    from .runtime import cpu_model
+    from .runtime import machine_line
 
     cfg = get_config("demo", **PRECISION_BASE)
     return (
@@ -612,7 +611,7 @@ def _temperature_header() -> str:
         "(1 + c) grad r + r grad c. After each epoch named, on all unlabeled validation crops (fixed views): the norm "
         "of each term over the encoder's parameters (all but the reconstruction head), their ratio (contrastive / "
         "reconstruction) and cosine, and the validation L1 / constant at that epoch (where validated).\n\n"
-        f"Machine: {cpu_model()}; table written {time.strftime('%Y-%m-%d')}. Re-run: "
+        f"Machine: {machine_line()}; table written {time.strftime('%Y-%m-%d')}. Re-run: "
         "`python -m ssl_utils.sweeps temperature --out results/precision`.\n\n"
     )
 
@@ -748,7 +747,7 @@ def run_finetune_sweep(out: str, only: list[str] | None = None, runs_root: str =
 
 
 def _ft_header(cohort_root: str, workers: int) -> str:
-    from .runtime import cpu_model
+    from .runtime import machine_line
 
     cohort = _cohort_meta(cohort_root)
     return (
@@ -760,7 +759,7 @@ def _ft_header(cohort_root: str, workers: int) -> str:
         f"cohort's tuning split ({cohort.get('n_labeled_tune', '?')} volumes), never on the validation split "
         f"({cohort.get('n_labeled_val', '?')} volumes) that the demo and the study report. Final = mean of the last "
         "3 evaluations; mean over the 13 organs.\n\n"
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores; {workers} settings ran side by side "
+        f"Machine: {machine_line()}; {workers} settings ran side by side "
         f"({max(1, (os.cpu_count() or 1) // max(workers, 1))} thread(s) each); table written {time.strftime('%Y-%m-%d')}. "
         "Times per iteration are indicative: other work shared the machine during parts of the sweep (equal settings "
         "differed by up to 20%). "

@@ -1,7 +1,8 @@
 """MONAI bundles from this project's checkpoints (``ssl_utils.bundle``): both kinds export from real
 smoke runs, carry the metadata MONAI's bundle specification requires, parse and load their weights
 strictly, pass ``verify_net_in_out``, and the segmenter's ``inference.json`` runs under ``monai.bundle
-run`` and writes label maps on the inputs' own voxels; wrong checkpoints and occupied folders are
+run`` and writes label maps on the inputs' own voxels; a masked autoencoder's encoder bundle is
+exactly UNETR's ViT (its keys, its weights, its features); wrong checkpoints and occupied folders are
 refused with a message that names the file and the problem."""
 
 from __future__ import annotations
@@ -58,6 +59,22 @@ def bundles(tmp_path_factory, runs):
 
 
 @pytest.fixture(scope="module")
+def mae_run(tmp_path_factory, smoke_cohort, one_thread):
+    """A smoke pre-training run of the masked autoencoder (pretext="mae"): its best_model.pt."""
+    from ssl_utils.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("mae_run")
+    pretrain(get_config("smoke", pretext="mae"), logdir=str(root), cohort_root=smoke_cohort["root"], progress=False,
+             log=lambda m: None)
+    return str(root / "best_model.pt")
+
+
+@pytest.fixture(scope="module")
+def mae_bundle(tmp_path_factory, mae_run):
+    return export_bundle("encoder", mae_run, str(tmp_path_factory.mktemp("mae_bundle") / "encoder"))
+
+
+@pytest.fixture(scope="module")
 def volumes(tmp_path_factory, smoke_cohort):
     """Two CT volumes to segment: a cohort image as it is (.nii.gz), and a crop of it with another
     spacing, origin and axis order (.nii); plus a file that is not a volume."""
@@ -86,17 +103,23 @@ def _parser(folder: str):
     return parser
 
 
+def _spec_fields(folder: str) -> dict:
+    """The bundle's metadata, after checking its files and the fields MONAI's specification requires."""
+    files = sorted(os.path.relpath(p, folder).replace(os.sep, "/")
+                   for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p))
+    assert files == sorted(BUNDLE_FILES), folder
+    meta = _meta(folder)
+    assert [k for k in REQUIRED_META if k not in meta] == [], folder
+    assert meta["version"] in meta["changelog"]
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert [k for k in IMAGE_INPUT if k not in image] == [] and image["spatial_shape"] == [32, 32, 32]
+    assert "pred" in meta["network_data_format"]["outputs"]
+    return meta
+
+
 def test_metadata_holds_the_spec_fields_labels_dice_and_recipe(bundles, runs):
-    for kind, folder in bundles.items():
-        files = sorted(os.path.relpath(p, folder).replace(os.sep, "/")
-                       for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p))
-        assert files == sorted(BUNDLE_FILES), kind
-        meta = _meta(folder)
-        assert [k for k in REQUIRED_META if k not in meta] == [], kind
-        assert meta["version"] in meta["changelog"]
-        image = meta["network_data_format"]["inputs"]["image"]
-        assert [k for k in IMAGE_INPUT if k not in image] == [] and image["spatial_shape"] == [32, 32, 32]
-        assert "pred" in meta["network_data_format"]["outputs"]
+    for folder in bundles.values():
+        _spec_fields(folder)
     ft = torch.load(runs["segmenter"], weights_only=True)
     seg = _meta(bundles["segmenter"])
     channel_def = seg["network_data_format"]["outputs"]["pred"]["channel_def"]
@@ -139,9 +162,114 @@ def test_network_def_builds_and_loads_the_weights_strictly(bundles):
     unetr.vit.load_state_dict(encoder, strict=True)
 
 
-@pytest.mark.parametrize("kind", ["encoder", "segmenter"])
-def test_verify_net_in_out_passes(bundles, kind, tmp_path):
-    folder = bundles[kind]
+def test_mae_encoder_bundle_is_unetrs_vit(mae_bundle, mae_run):
+    """The bundle of a masked autoencoder holds UNETR.vit's state dict, nothing else: its keys, the
+    checkpoint's encoder tensors (the final LayerNorm blocks.L as norm), loaded strictly by both of
+    its README's ways; its network gives UNETR's ViT's features; the MAE's fixed sin-cos table becomes
+    the starting value of UNETR's learnable (still trainable) position embedding."""
+    from monai.networks.nets import ViT
+
+    from ssl_utils.mae import build_mae, mae_encoder_state
+
+    ckpt = torch.load(mae_run, weights_only=True)
+    cfg = get_config(ckpt["config"])
+    weights = os.path.join(mae_bundle, "models", "model.pt")
+    state = torch.load(weights, weights_only=True)
+    unetr = build_unetr(cfg)
+    assert sorted(state) == sorted(unetr.vit.state_dict())
+    last = cfg["num_layers"]
+    assert {"norm.weight", "norm.bias", f"blocks.{last - 1}.mlp.linear1.weight"} <= set(state)
+    assert not any(k.startswith(("cls_token", "mask_tokens", "decoder", f"blocks.{last}.")) for k in state)
+    expected, _ = mae_encoder_state(ckpt["state_dict"])
+    assert [k for k in state if not torch.equal(state[k], expected[k])] == []
+    assert torch.equal(state["norm.weight"], ckpt["state_dict"][f"blocks.{last}.weight"])
+    unetr.vit.load_state_dict(state, strict=True)
+    report = load_pretrained_vit(build_unetr(cfg), weights)
+    assert sorted(report.loaded) == sorted(state) and not report.missing and not report.unexpected
+    assert "ignored 0 non-encoder tensors" in str(report)
+
+    # the position embedding: the MAE's fixed sin-cos table (not trained), now UNETR's trainable parameter
+    mae = build_mae(cfg)
+    table = mae.patch_embedding.position_embeddings
+    assert not table.requires_grad and torch.equal(ckpt["state_dict"]["patch_embedding.position_embeddings"], table)
+    pos = unetr.vit.patch_embedding.position_embeddings
+    assert torch.equal(pos, table) and pos.requires_grad
+    assert any(p is pos for p in unetr.vit.parameters())
+
+    # the bundle's network, as a receiver initialises it: UNETR's ViT's final features on the same crop
+    parser = _parser(mae_bundle)
+    parser["device"] = "$torch.device('cpu')"
+    parser.get_parsed_content("initialize")
+    net = parser.get_parsed_content("network")
+    assert isinstance(net, ViT) and not net.training and not hasattr(net, "cls_token")
+    assert net.patch_embedding.position_embeddings.requires_grad  # learnable, as in UNETR
+    x = torch.rand(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        features = net(x)
+        reference, hidden = unetr.vit.eval()(x)
+        fresh = _parser(mae_bundle).get_parsed_content("network_def").eval()(x)
+    assert features.shape == (1, 8, cfg["hidden_size"]) == reference.shape and len(hidden) == last
+    assert torch.allclose(features, reference, atol=1e-6)
+    assert not torch.allclose(fresh, reference, atol=1e-3)  # the features come from the loaded weights
+
+
+def test_mae_encoder_metadata_and_readme(mae_bundle, mae_run):
+    ckpt = torch.load(mae_run, weights_only=True)
+    cfg = ckpt["config"]
+    meta = _spec_fields(mae_bundle)
+    assert meta["exported_by"]["kind"] == "encoder"
+    assert "masked autoencoder" in meta["task"] and "masked autoencoder" in meta["description"]
+    assert f"mask ratio {cfg['mae_mask_ratio']:g}" in meta["description"]
+    assert f"hidden size {cfg['mae_decoder_hidden']}" in meta["description"]
+    assert f"for {ckpt['epoch']} epoch(s)" in meta["description"]
+    recipe = meta["pretraining"]
+    assert recipe["pretext"] == "mae" and recipe["epochs_run"] == ckpt["epoch"] == 2
+    assert {k: recipe[k] for k in ("mae_mask_ratio", "mae_decoder_hidden", "mae_decoder_mlp", "mae_decoder_layers",
+                                   "mae_decoder_heads", "mae_norm_target", "mae_loss", "ssl_lr")} \
+        == {k: cfg[k] for k in ("mae_mask_ratio", "mae_decoder_hidden", "mae_decoder_mlp", "mae_decoder_layers",
+                                "mae_decoder_heads", "mae_norm_target", "mae_loss", "ssl_lr")}
+    assert "temperature" not in recipe and "deconv_chns" not in meta["architecture"]
+    row = [r for r in ckpt["history"] if "val_recon" in r][-1]
+    metrics = meta["eval_metrics"]
+    assert metrics["epoch"] == row["epoch"]
+    for key in ("val_recon", "val_total", "val_patch_mean", "val_visible_mean"):
+        assert metrics[key] == pytest.approx(row[key]), key
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    assert pred["num_channels"] == 8 and pred["shape"] == [1, 8, cfg["hidden_size"]]
+    assert "token features" in meta["pred_classes"] and any("Masked Autoencoders" in r for r in meta["references"])
+    readme = open(os.path.join(mae_bundle, "docs", "README.md"), encoding="utf-8").read()
+    weights = os.path.join(mae_bundle, "models", "model.pt")
+    assert f'load_pretrained_vit(unetr, "{weights}")' in readme
+    assert f'unetr.vit.load_state_dict(torch.load("{weights}"' in readme and "strict=True" in readme
+    assert "conv3d_transpose" not in readme and "sin-cos" in readme and "[1, 8, 48]" in readme
+
+
+def test_mae_checkpoints_that_do_not_fit_are_refused(mae_run, runs, tmp_path):
+    out = str(tmp_path / "bundle")
+    with pytest.raises(CheckpointError, match=r"--kind segmenter needs a fine-tuning checkpoint.*MaskedAutoEncoderViT"
+                                              r".*has mask_tokens.*--kind encoder"):
+        export_bundle("segmenter", mae_run, out)
+    ckpt = torch.load(mae_run, weights_only=True)
+    views = str(tmp_path / "says_views.pt")
+    torch.save({**ckpt, "config": {**ckpt["config"], "pretext": "views"}}, views)
+    with pytest.raises(CheckpointError, match=r"says_views\.pt: its state dict is MaskedAutoEncoderViT's.*"
+                                              r"pretext='views'"):
+        export_bundle("encoder", views, out)
+    two_view = torch.load(runs["encoder"], weights_only=True)
+    says_mae = str(tmp_path / "says_mae.pt")
+    torch.save({**two_view, "config": {**two_view["config"], "pretext": "mae"}}, says_mae)
+    with pytest.raises(CheckpointError, match=r"says_mae\.pt: its state dict is ViTAutoEnc's.*pretext='mae'"):
+        export_bundle("encoder", says_mae, out)
+    six = str(tmp_path / "six_layers.pt")
+    torch.save({**ckpt, "config": {**ckpt["config"], "num_layers": 6}}, six)
+    with pytest.raises(CheckpointError, match=r"six_layers\.pt: .*does not fit UNETR's ViT.*num_layers=6"):
+        export_bundle("encoder", six, out)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "segmenter", "mae_encoder"])
+def test_verify_net_in_out_passes(bundles, kind, tmp_path, request):
+    folder = request.getfixturevalue("mae_bundle") if kind == "mae_encoder" else bundles[kind]
     done = monai_bundle("verify_net_in_out", "network_def", "--meta_file", os.path.join(folder, "configs", "metadata.json"),
                         "--config_file", os.path.join(folder, "configs", "inference.json"), cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -121,6 +121,43 @@ def test_mae_pretraining_validates_against_its_baselines(mae_run):
     assert ckpt["config"]["pretext"] == "mae" and "mask_tokens" in ckpt["state_dict"]
 
 
+def test_mae_figures(mae_run, tmp_path):
+    """An MAE history's curves (its loss and its two baselines; no contrastive panels), and the masked
+    reconstruction: the masked patches blanked in the input row, the visible ones copied unchanged into
+    the reconstruction, and without a model the same mask the model draws."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ssl_utils.plots import history_pretext, plot_masked_reconstruction, plot_ssl_history
+
+    assert history_pretext(mae_run.history) == "mae"
+    unvalidated = [{k: v for k, v in row.items() if not k.startswith("val_")} for row in mae_run.history]
+    assert history_pretext(unvalidated) == "mae"  # no contrastive term in any epoch
+    fig = plot_ssl_history(mae_run.history, str(tmp_path / "curves.png"))
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert len(fig.axes) == 2 and (tmp_path / "curves.png").stat().st_size > 10_000
+    assert "training (random masks)" in labels and "validation (fixed masks)" in labels
+    baselines = [label for label in labels if label.startswith("baseline")]
+    assert len(baselines) == 2 and "each masked patch's own mean" in baselines[0]
+
+    model, sample = mae_run.model, mae_run.val_dataset[0]
+    fig = plot_masked_reconstruction(model, sample, mae_run.config, mae_run.precision, str(tmp_path / "mae.png"),
+                                     n_slices=3)
+    assert len(fig.axes) == 4 * 3 and (tmp_path / "mae.png").stat().st_size > 10_000
+    assert model.training  # restored
+
+    def row(figure, i):
+        return np.stack([np.ma.getdata(ax.images[0].get_array()) for ax in figure.axes[3 * i:3 * i + 3]]).astype(float)
+
+    clean, masked, recon = row(fig, 0), row(fig, 1), row(fig, 3)
+    hidden = np.isnan(masked)
+    assert 0 < hidden.mean() < 1
+    assert np.array_equal(recon[~hidden], clean[~hidden]) and not np.allclose(recon[hidden], clean[hidden])
+    unmodelled = plot_masked_reconstruction(None, sample, mae_run.config, n_slices=3)
+    assert len(unmodelled.axes) == 2 * 3 and np.array_equal(np.isnan(row(unmodelled, 1)), hidden)
+    plt.close("all")
+
+
 def test_mae_stop_and_resume_is_bitwise_identical(mae_run, smoke_cohort, tmp_path):
     kw = dict(device="cpu", progress=False, log=lambda _: None, epochs=4)
     stopped = pretrain(mae_cfg(), smoke_cohort["tcia_root"], smoke_cohort["tcia_json"], str(tmp_path), stop_after=2, **kw)

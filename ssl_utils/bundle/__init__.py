@@ -3,8 +3,12 @@
 Two kinds, each from a checkpoint this project wrote (it holds the weights and the run's
 ``"config"``, from which the network's architecture and the preprocessing are taken):
 
-- ``encoder``: the pre-trained ``ViTAutoEnc`` of ``ssl_utils.pretrain`` (``runs/ssl/best_model.pt``).
-  Its ``docs/README.md`` shows how to load the encoder into UNETR; its metadata states the
+- ``encoder``: a pre-training checkpoint of ``ssl_utils.pretrain`` (``runs/ssl/best_model.pt``). Of
+  the two-view pretext, the bundle is its ``ViTAutoEnc`` (``network_def`` returns the
+  reconstruction); of the masked autoencoder (``pretext="mae"``), its encoder alone in UNETR's ViT
+  key names (``models/model.pt`` is exactly ``UNETR.vit``'s state dict; ``network_def`` is MONAI's
+  ``ViT`` built as UNETR builds its ``vit`` and returns the token features). Its
+  ``docs/README.md`` shows how to load the encoder into UNETR; its metadata states the
   pre-training recipe and the validation losses with their baselines.
 - ``segmenter``: a fine-tuned UNETR of ``ssl_utils.finetune``. Its ``configs/inference.json``
   segments NIfTI volumes (the fine-tuning validation preprocessing, sliding-window inference,
@@ -37,15 +41,15 @@ One module per job: ``layout`` (the kinds, the files), ``configs`` (``inference.
 
 from ..checkpoint import CheckpointError
 from .cli import build_parser, main
-from .configs import encoder_inference_config, segmenter_inference_config
+from .configs import encoder_inference_config, mae_encoder_inference_config, segmenter_inference_config
 from .export import export_bundle, files_under, is_exported_bundle, read_checkpoint
 from .layout import BUNDLE_FILES, DEFAULT_NAMES, EXPORTER, KINDS
-from .metadata import encoder_metadata, segmenter_metadata
+from .metadata import encoder_metadata, mae_encoder_metadata, segmenter_metadata
 from .receive import compare_label_map, folder_mib, label_map_path, run_segmenter
 
 __all__ = [
     "BUNDLE_FILES", "DEFAULT_NAMES", "EXPORTER", "KINDS", "CheckpointError", "build_parser", "compare_label_map",
     "encoder_inference_config", "encoder_metadata", "export_bundle", "files_under", "folder_mib",
-    "is_exported_bundle", "label_map_path", "main", "read_checkpoint", "run_segmenter",
-    "segmenter_inference_config", "segmenter_metadata",
+    "is_exported_bundle", "label_map_path", "mae_encoder_inference_config", "mae_encoder_metadata", "main",
+    "read_checkpoint", "run_segmenter", "segmenter_inference_config", "segmenter_metadata",
 ]

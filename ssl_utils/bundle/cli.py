@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "OUT/configs/inference.json --dataset_dir IN --output_dir PRED",
     )
     ex.add_argument("--kind", required=True, choices=KINDS,
-                    help="encoder: the pre-trained ViTAutoEnc (runs/ssl/best_model.pt); segmenter: a fine-tuned UNETR")
+                    help="encoder: a pre-training checkpoint (runs/ssl/best_model.pt): the two-view pretext's ViTAutoEnc, or "
+                         "the masked autoencoder's encoder alone, as UNETR's ViT; segmenter: a fine-tuned UNETR")
     ex.add_argument("--checkpoint", required=True, help="the checkpoint (best_model.pt or last_model.pt of a run)")
     ex.add_argument("--out", required=True,
                     help="the bundle folder: new, empty, or a bundle exported before (replaced); never other files")

@@ -1,6 +1,7 @@
 """A bundle's ``configs/inference.json``: MONAI bundle configs that rebuild the checkpoint's network
-and its preprocessing from the run's config (the encoder's: the network and the pre-training
-recipe; the segmenter's: a complete NIfTI-in, label-map-out inference run)."""
+and its preprocessing from the run's config (an encoder's: the network and the pre-training
+recipe, the two-view pretext's ViTAutoEnc or the masked autoencoder's encoder as UNETR's ViT; the
+segmenter's: a complete NIfTI-in, label-map-out inference run)."""
 
 from __future__ import annotations
 
@@ -36,25 +37,15 @@ def _common_config(bundle_root: str) -> dict[str, Any]:
     }
 
 
-def encoder_inference_config(cfg: Mapping[str, Any], bundle_root: str) -> dict[str, Any]:
-    """``inference.json`` of an encoder bundle.
-
-    ``network_def`` is MONAI's ``ViTAutoEnc`` with the checkpoint's architecture, as a subclass whose
-    ``forward`` returns the reconstruction only (``ViTAutoEnc`` returns ``(reconstruction, hidden
-    states)``, which ``verify_net_in_out`` cannot check); same parameters, same state dict keys.
-    ``preprocessing`` is the pre-training data recipe's deterministic stage (for reconstructions)."""
+def _encoder_config(cfg: Mapping[str, Any], bundle_root: str, network_class: str,
+                    network_def: dict[str, Any]) -> dict[str, Any]:
+    """An encoder bundle's ``inference.json``: ``network_class`` (a ``$`` expression) built with
+    ``network_def``'s arguments, the pre-training recipe's deterministic stage as ``preprocessing``,
+    and ``initialize`` loading the weights."""
     return {
         **_common_config(bundle_root),
-        "network_class": "$type('ViTAutoEncReconstruction', (monai.networks.nets.ViTAutoEnc,), "
-                         "{'forward': lambda self, x: monai.networks.nets.ViTAutoEnc.forward(self, x)[0]})",
-        "network_def": {
-            "_target_": "@network_class",
-            "out_channels": 1,
-            "patch_size": cube(cfg["patch_size"]),
-            "deconv_chns": int(cfg["deconv_chns"]),
-            "num_layers": int(cfg["num_layers"]),
-            **_vit_args(cfg),
-        },
+        "network_class": network_class,
+        "network_def": {"_target_": "@network_class", **network_def},
         "network": "$@network_def.to(@device)",
         "preprocessing": _preprocessing(cfg["ssl_spacing"], cfg["ssl_a_min"], cfg["ssl_a_max"], orient=False,
                                         pad=cube(cfg["roi"])),
@@ -63,6 +54,56 @@ def encoder_inference_config(cfg: Mapping[str, Any], bundle_root: str) -> dict[s
             "$@network.eval()",
         ],
     }
+
+
+def encoder_inference_config(cfg: Mapping[str, Any], bundle_root: str) -> dict[str, Any]:
+    """``inference.json`` of an encoder bundle of the two-view pretext.
+
+    ``network_def`` is MONAI's ``ViTAutoEnc`` with the checkpoint's architecture, as a subclass whose
+    ``forward`` returns the reconstruction only (``ViTAutoEnc`` returns ``(reconstruction, hidden
+    states)``, which ``verify_net_in_out`` cannot check); same parameters, same state dict keys.
+    ``preprocessing`` is the pre-training data recipe's deterministic stage (for reconstructions)."""
+    return _encoder_config(
+        cfg, bundle_root,
+        "$type('ViTAutoEncReconstruction', (monai.networks.nets.ViTAutoEnc,), "
+        "{'forward': lambda self, x: monai.networks.nets.ViTAutoEnc.forward(self, x)[0]})",
+        {
+            "out_channels": 1,
+            "patch_size": cube(cfg["patch_size"]),
+            "deconv_chns": int(cfg["deconv_chns"]),
+            "num_layers": int(cfg["num_layers"]),
+            **_vit_args(cfg),
+        },
+    )
+
+
+def unetr_vit_args(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments MONAI's ``UNETR`` (1.6) gives its ``vit``, for ``ssl_utils.models.build_unetr``'s
+    settings: ``patch_size`` and ``num_layers`` (UNETR fixes them at 16 and 12), a learnable position
+    embedding, no class token (``classification=False``), a qkv projection without bias."""
+    return {
+        **_vit_args(cfg),
+        "patch_size": cube(cfg["patch_size"]),
+        "num_layers": int(cfg["num_layers"]),
+        "pos_embed_type": "learnable",
+        "classification": False,
+        "qkv_bias": False,
+    }
+
+
+def mae_encoder_inference_config(cfg: Mapping[str, Any], bundle_root: str) -> dict[str, Any]:
+    """``inference.json`` of an encoder bundle of the masked-autoencoder pretext.
+
+    ``network_def`` is MONAI's ``ViT`` built as UNETR builds its ``vit`` (``unetr_vit_args``), as a
+    subclass whose ``forward`` returns the final token features only, ``[B, tokens, hidden_size]``
+    after the last LayerNorm (``ViT`` returns ``(features, hidden states)``); its state dict is
+    ``UNETR.vit``'s. ``preprocessing`` is the pre-training data recipe's deterministic stage."""
+    return _encoder_config(
+        cfg, bundle_root,
+        "$type('ViTTokenFeatures', (monai.networks.nets.ViT,), "
+        "{'forward': lambda self, x: monai.networks.nets.ViT.forward(self, x)[0]})",
+        unetr_vit_args(cfg),
+    )
 
 
 def _preprocessing(spacing, a_min: float, a_max: float, orient: bool, pad: list[int] | None = None) -> dict[str, Any]:

@@ -4,7 +4,9 @@
 config; ``export_bundle`` writes ``configs/inference.json``, ``configs/metadata.json``,
 ``models/model.pt`` and ``docs/README.md`` next to the output, checks that the network the config
 builds loads the weights strictly, and only then moves the folder into place (replacing a bundle
-it wrote before, never other files).
+it wrote before, never other files). An encoder checkpoint of the two-view pretext gives a
+ViTAutoEnc bundle; one of the masked-autoencoder pretext (``pretext="mae"``) gives its encoder alone,
+in UNETR's ViT key names (``ssl_utils.models.encoder_state``).
 """
 
 from __future__ import annotations
@@ -19,24 +21,26 @@ import torch
 
 from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import ConfigError, get_config
-from ..models import strip_prefixes
-from .configs import encoder_inference_config, segmenter_inference_config
+from ..mae import is_mae_state
+from ..models import check_unetr_encoder, encoder_state, strip_prefixes
+from .configs import encoder_inference_config, mae_encoder_inference_config, segmenter_inference_config
 from .layout import BUNDLE_DIRS, BUNDLE_FILES, DEFAULT_NAMES, EXPORTER, KINDS
-from .metadata import encoder_metadata, segmenter_metadata
-from .readme import encoder_readme, segmenter_readme
+from .metadata import encoder_metadata, mae_encoder_metadata, segmenter_metadata
+from .readme import encoder_readme, mae_encoder_readme, segmenter_readme
 
 def _checkpoint_kind(state: Mapping[str, Any]) -> str | None:
-    """"encoder" for a ViTAutoEnc state dict (decoder ``conv3d_transpose*``), "segmenter" for a
-    UNETR one (output layer ``out.conv.conv.weight``), else None."""
+    """"encoder" for a ViTAutoEnc state dict (decoder ``conv3d_transpose*``) or a
+    MaskedAutoEncoderViT one (``mask_tokens``, ``decoder_pred``), "segmenter" for a UNETR one (output
+    layer ``out.conv.conv.weight``), else None."""
     if "out.conv.conv.weight" in state:
         return "segmenter"
-    if any(k.startswith("conv3d_transpose") for k in state):
+    if any(k.startswith("conv3d_transpose") for k in state) or is_mae_state(state):
         return "encoder"
     return None
 
 
 _WHAT = {
-    "encoder": "a pre-training checkpoint (ViTAutoEnc, written by ssl_utils.pretrain)",
+    "encoder": "a pre-training checkpoint (ViTAutoEnc or MaskedAutoEncoderViT, written by ssl_utils.pretrain)",
     "segmenter": "a fine-tuning checkpoint (UNETR, written by ssl_utils.finetune)",
 }
 
@@ -59,9 +63,11 @@ def read_checkpoint(kind: str, checkpoint: str | os.PathLike) -> tuple[dict[str,
     found_kind = _checkpoint_kind(state)
     if found_kind != kind:
         if found_kind is None:
-            detail = f"its state dict is neither ViTAutoEnc's nor UNETR's (keys start {sorted(state)[:4]})"
+            detail = (f"its state dict is not ViTAutoEnc's, MaskedAutoEncoderViT's or UNETR's "
+                      f"(keys start {sorted(state)[:4]})")
         else:
-            key = "out.conv.conv.weight" if found_kind == "segmenter" else "conv3d_transpose*"
+            key = ("out.conv.conv.weight" if found_kind == "segmenter" else
+                   "mask_tokens" if is_mae_state(state) else "conv3d_transpose*")
             detail = f"it is {_WHAT[found_kind]} (its state dict has {key})"
         hint = f"; export it with --kind {found_kind}" if found_kind else ""
         raise CheckpointError(f"checkpoint {path}: --kind {kind} needs {_WHAT[kind]}, but {detail}{hint}")
@@ -75,6 +81,8 @@ def read_checkpoint(kind: str, checkpoint: str | os.PathLike) -> tuple[dict[str,
         cfg = get_config(dict(ckpt["config"]))
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {path}: its 'config' is not valid: {exc}") from None
+    if kind == "encoder":
+        _check_pretext(path, state, cfg)
     if kind == "segmenter":
         n_out = int(state["out.conv.conv.weight"].shape[0])
         if n_out != int(cfg["out_channels"]):
@@ -84,6 +92,42 @@ def read_checkpoint(kind: str, checkpoint: str | os.PathLike) -> tuple[dict[str,
         if names and len(names) != n_out:
             raise CheckpointError(f"checkpoint {path}: {len(names)} class names {list(names)} for {n_out} output channels")
     return dict(ckpt), state, cfg
+
+
+def _check_pretext(path: str, state: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    """An encoder checkpoint's network and its config's ``pretext`` must agree; a masked
+    autoencoder's encoder must be one UNETR can hold (its bundle is UNETR's ViT)."""
+    mae = is_mae_state(state)
+    if mae != (cfg["pretext"] == "mae"):
+        network = "MaskedAutoEncoderViT's (mask_tokens, decoder_pred)" if mae else "ViTAutoEnc's (conv3d_transpose*)"
+        raise CheckpointError(f"checkpoint {path}: its state dict is {network}, but its config says "
+                              f"pretext={cfg['pretext']!r}")
+    if mae:
+        try:
+            check_unetr_encoder(cfg)
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path}: its masked autoencoder's encoder does not fit UNETR's ViT, "
+                                  f"which its bundle is: {exc}") from None
+
+
+def _whole(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return state
+
+
+def _unetr_vit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A masked autoencoder's encoder in UNETR's ViT keys; the class / mask tokens and the decoder stay behind."""
+    return encoder_state(state)[0]
+
+
+def _bundle_parts(kind: str, cfg: Mapping[str, Any]):
+    """What a bundle of ``kind`` from a run with ``cfg`` is made of: the writers of
+    ``inference.json``, ``metadata.json`` and ``docs/README.md``, and the state dict's map to
+    ``models/model.pt``; the segmenter's, the two-view encoder's, or the masked autoencoder's."""
+    if kind == "segmenter":
+        return segmenter_inference_config, segmenter_metadata, segmenter_readme, _whole
+    if cfg["pretext"] == "mae":
+        return mae_encoder_inference_config, mae_encoder_metadata, mae_encoder_readme, _unetr_vit
+    return encoder_inference_config, encoder_metadata, encoder_readme, _whole
 
 
 def files_under(folder: str) -> list[str]:
@@ -162,9 +206,9 @@ def export_bundle(
 ) -> str:
     """Write a MONAI bundle of ``checkpoint`` into the folder ``out`` and return its path.
 
-    ``kind``: ``"encoder"`` (a pre-training checkpoint: ViTAutoEnc) or ``"segmenter"`` (a
-    fine-tuning checkpoint: UNETR). The bundle holds ``configs/inference.json``,
-    ``configs/metadata.json``, ``models/model.pt`` and ``docs/README.md`` (see the module
+    ``kind``: ``"encoder"`` (a pre-training checkpoint: ViTAutoEnc, or MaskedAutoEncoderViT, of
+    which only the encoder is written, as UNETR's ViT) or ``"segmenter"`` (a fine-tuning
+    checkpoint: UNETR). The bundle holds ``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt`` and ``docs/README.md`` (see the module
     docstring). ``out`` may be new, empty, or a bundle this function wrote before (it is
     replaced); anything else is refused. The bundle is written next to ``out`` first and checked
     (``network_def`` loads ``models/model.pt`` strictly), then moved into place.
@@ -179,14 +223,11 @@ def export_bundle(
     _check_out(out)  # before reading a large checkpoint
     ckpt, state, cfg = read_checkpoint(kind, path)
     name = name or DEFAULT_NAMES[kind]
-    if kind == "encoder":
-        inference = encoder_inference_config(cfg, out)
-        meta = encoder_metadata(ckpt, cfg, path, name, version, authors, copyright)
-        readme = encoder_readme(meta, cfg, out)
-    else:
-        inference = segmenter_inference_config(cfg, out)
-        meta = segmenter_metadata(ckpt, cfg, path, name, version, authors, copyright)
-        readme = segmenter_readme(meta, cfg, out)
+    write_inference, write_metadata, write_readme, weights = _bundle_parts(kind, cfg)
+    inference = write_inference(cfg, out)
+    meta = write_metadata(ckpt, cfg, path, name, version, authors, copyright)
+    readme = write_readme(meta, cfg, out)
+    state = weights(state)
 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)

@@ -1,5 +1,6 @@
 """A bundle's ``configs/metadata.json``: every field MONAI's bundle specification requires
-(versions, task, ``network_data_format``), plus the run's recipe, scores and training data."""
+(versions, task, ``network_data_format``), plus the run's recipe, scores and training data; one
+function per bundle: the two-view encoder, the masked autoencoder's encoder, the segmenter."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .configs import cube
-from .layout import EXPORTER, INTENDED_USE, REFERENCES
+from .layout import EXPORTER, INTENDED_USE, MAE_REFERENCE, REFERENCES
 
 def _number(v: Any) -> float | None:
     """A finite float, or None (JSON has no NaN)."""
@@ -71,12 +72,43 @@ def _last_row_with(history: Sequence[Mapping[str, Any]], key: str) -> Mapping[st
     return rows[-1] if rows else None
 
 
+def _epochs_run(ckpt: Mapping[str, Any], history: Sequence[Any]) -> int:
+    return int(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), (int, float)) else len(history)
+
+
+def _encoder_metadata(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], base: dict[str, Any], *, epochs_run: int,
+                      task: str, description: str, pred_classes: str, metrics: dict[str, Any],
+                      recipe_keys: Sequence[str], arch_keys: Sequence[str], pred: dict[str, Any]) -> dict[str, Any]:
+    """The fields every encoder bundle's ``metadata.json`` has, around the pretext's own: the data,
+    the recipe (``pretraining``: ``recipe_keys`` of the config), ``architecture`` and the input format."""
+    window = (float(cfg["ssl_a_min"]), float(cfg["ssl_a_max"]))
+    base.update({
+        "task": task,
+        "description": description,
+        "data_source": (f"unlabeled CT volumes (preset {cfg['preset']!r}; the checkpoint does not record their "
+                        "location), resampled and windowed as in 'pretraining'"),
+        "image_classes": (f"single-channel CT at {list(cfg['ssl_spacing'])} mm, HU window [{window[0]:g}, {window[1]:g}] "
+                          "scaled to [0, 1]"),
+        "pred_classes": pred_classes,
+        "eval_metrics": metrics,
+        "pretraining": {
+            "preset": cfg["preset"],
+            "epochs_run": epochs_run,
+            "best_val_loss": _number(ckpt.get("best_val_loss")),
+            **{k: _jsonable(cfg[k]) for k in recipe_keys},
+        },
+        "architecture": {k: _jsonable(cfg[k]) for k in arch_keys},
+        "network_data_format": {"inputs": {"image": _image_input(cfg)}, "outputs": {"pred": pred}},
+    })
+    return base
+
+
 def encoder_metadata(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: str, name: str, version: str,
                      authors: str, copyright: str) -> dict[str, Any]:
-    """``metadata.json`` of an encoder bundle: the pre-training recipe (from the checkpoint's config
-    and history) and the validation losses of these weights with their baselines."""
+    """``metadata.json`` of a two-view encoder bundle (ViTAutoEnc): the pre-training recipe (from the
+    checkpoint's config and history) and the validation losses of these weights with their baselines."""
     history = list(ckpt.get("history") or [])
-    epochs_run = int(ckpt["epoch"]) if isinstance(ckpt.get("epoch"), (int, float)) else len(history)
+    epochs_run = _epochs_run(ckpt, history)
     row = _last_row_with(history, "val_recon")
     metrics: dict[str, Any] = {}
     if row is not None:
@@ -101,48 +133,101 @@ def encoder_metadata(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: str,
     )
     arch_keys = ("roi", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads", "proj_type",
                  "dropout_rate", "deconv_chns")
-    window = (float(cfg["ssl_a_min"]), float(cfg["ssl_a_max"]))
-    meta = _base_metadata("encoder", name, version, authors, copyright, path)
-    meta.update({
-        "task": "Self-supervised pre-training of a 3D ViT encoder (MONAI ViTAutoEnc) on unlabeled CT",
-        "description": (
+    return _encoder_metadata(
+        ckpt, cfg, _base_metadata("encoder", name, version, authors, copyright, path), epochs_run=epochs_run,
+        task="Self-supervised pre-training of a 3D ViT encoder (MONAI ViTAutoEnc) on unlabeled CT",
+        description=(
             f"ViTAutoEnc (ViT encoder: {cfg['num_layers']} layers, hidden size {cfg['hidden_size']}, patch "
             f"{cfg['patch_size']}, {cfg['roi']}^3 input) pre-trained with two-view reconstruction (in-/out-painting, "
             f"local shuffling) and a contrastive loss (temperature {cfg['temperature']:g}) for {epochs_run} epoch(s), "
             f"preset {cfg['preset']!r}. Its encoder initialises UNETR's ViT for segmentation fine-tuning "
             "(docs/README.md). The network of configs/inference.json returns the reconstruction only."
         ),
-        "data_source": (f"unlabeled CT volumes (preset {cfg['preset']!r}; the checkpoint does not record their "
-                        "location), resampled and windowed as in 'pretraining'"),
-        "image_classes": (f"single-channel CT at {list(cfg['ssl_spacing'])} mm, HU window [{window[0]:g}, {window[1]:g}] "
-                          "scaled to [0, 1]"),
-        "pred_classes": "1 channel: the reconstructed (clean) crop, intensities as the input's",
-        "eval_metrics": metrics,
-        "pretraining": {
-            "preset": cfg["preset"],
-            "epochs_run": epochs_run,
-            "best_val_loss": _number(ckpt.get("best_val_loss")),
-            **{k: _jsonable(cfg[k]) for k in recipe_keys},
+        pred_classes="1 channel: the reconstructed (clean) crop, intensities as the input's",
+        metrics=metrics, recipe_keys=recipe_keys, arch_keys=arch_keys,
+        pred={
+            "type": "image",
+            "format": "hounsfield",
+            "modality": "CT",
+            "num_channels": 1,
+            "spatial_shape": cube(cfg["roi"]),
+            "dtype": "float32",
+            "value_range": [],
+            "is_patch_data": True,
+            "channel_def": {"0": "reconstruction"},
         },
-        "architecture": {k: _jsonable(cfg[k]) for k in arch_keys},
-        "network_data_format": {
-            "inputs": {"image": _image_input(cfg)},
-            "outputs": {
-                "pred": {
-                    "type": "image",
-                    "format": "hounsfield",
-                    "modality": "CT",
-                    "num_channels": 1,
-                    "spatial_shape": cube(cfg["roi"]),
-                    "dtype": "float32",
-                    "value_range": [],
-                    "is_patch_data": True,
-                    "channel_def": {"0": "reconstruction"},
-                }
-            },
+    )
+
+
+def token_grid(cfg: Mapping[str, Any]) -> tuple[int, int]:
+    """``(patches per axis, tokens)`` of a ``roi``^3 input: ``roi / patch_size`` and its cube."""
+    g = int(cfg["roi"]) // int(cfg["patch_size"])
+    return g, g**3
+
+
+def mae_encoder_metadata(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: str, name: str, version: str,
+                         authors: str, copyright: str) -> dict[str, Any]:
+    """``metadata.json`` of a masked-autoencoder encoder bundle (the encoder alone, as UNETR's ViT):
+    the MAE recipe (mask ratio, decoder, target, loss, epochs), its validation losses with their
+    baselines (``ssl_utils.mae.evaluate_mae``'s keys), and token features as the output."""
+    from ..mae import MAE_VAL_KEYS
+
+    history = list(ckpt.get("history") or [])
+    epochs_run = _epochs_run(ckpt, history)
+    row = _last_row_with(history, "val_recon")
+    metrics: dict[str, Any] = {}
+    if row is not None:
+        metrics = {"epoch": int(row.get("epoch", epochs_run)), **{k: _number(row.get(k)) for k in MAE_VAL_KEYS}}
+        metrics = {k: v for k, v in metrics.items() if v is not None}
+    recipe_keys = (
+        "pretext", "mae_mask_ratio", "mae_decoder_hidden", "mae_decoder_mlp", "mae_decoder_layers", "mae_decoder_heads",
+        "mae_norm_target", "mae_loss", "ssl_spacing", "ssl_a_min", "ssl_a_max", "ssl_num_samples", "ssl_batch_size",
+        "ssl_lr", "ssl_weight_decay", "ssl_epochs", "ssl_val_every", "warmup_epochs", "cosine", "grad_clip",
+        "select_by", "seed",
+    )
+    arch_keys = ("roi", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads", "proj_type", "dropout_rate")
+    g, n_tokens = token_grid(cfg)
+    hidden, layers = int(cfg["hidden_size"]), int(cfg["num_layers"])
+    target = "per-patch normalised" if cfg["mae_norm_target"] else "raw windowed"
+    shape = f"[1, {n_tokens}, {hidden}]"
+    features = (f"{shape} for a {cfg['roi']}^3 input: one {hidden}-vector per patch token "
+                f"({g}x{g}x{g} patches of {cfg['patch_size']}^3 voxels, in the order of UNETR's patch embedding: the "
+                "crop's last axis fastest), after the ViT's final LayerNorm")
+    base = _base_metadata("encoder", name, version, authors, copyright, path)
+    base["references"].append(MAE_REFERENCE)
+    return _encoder_metadata(
+        ckpt, cfg, base, epochs_run=epochs_run,
+        task=("Self-supervised pre-training of a 3D ViT encoder as a masked autoencoder (MONAI MaskedAutoEncoderViT) "
+              "on unlabeled CT; the encoder, as UNETR's ViT"),
+        description=(
+            f"The encoder of a masked autoencoder (ViT: {layers} layers, hidden size {hidden}, MLP {cfg['mlp_dim']}, "
+            f"{cfg['num_heads']} heads, patch {cfg['patch_size']}, {cfg['roi']}^3 input) pre-trained for {epochs_run} "
+            f"epoch(s), preset {cfg['preset']!r}: the encoder saw a random {1 - cfg['mae_mask_ratio']:.0%} of the "
+            f"patches (mask ratio {cfg['mae_mask_ratio']:g}) and a decoder ({cfg['mae_decoder_layers']} layer(s), "
+            f"hidden size {cfg['mae_decoder_hidden']}, MLP {cfg['mae_decoder_mlp']}, {cfg['mae_decoder_heads']} heads; "
+            f"not in this bundle) reconstructed the others, {cfg['mae_loss'].upper()} on the {target} masked patches. "
+            f"The bundle holds the encoder alone in UNETR's ViT key names (the state dict of UNETR's vit: "
+            f"patch_embedding, blocks.0-{layers - 1}, norm); the MAE's class token, mask token and decoder are left "
+            f"out. The network of configs/inference.json (MONAI ViT, built as UNETR builds its vit) returns the token "
+            f"features {shape}. The MAE's fixed sin-cos position table is the starting value of "
+            "UNETR's learnable position embedding (docs/README.md)."
+        ),
+        pred_classes=f"token features {features}",
+        metrics=metrics, recipe_keys=recipe_keys, arch_keys=arch_keys,
+        pred={
+            "type": "tuples",
+            "format": "features",
+            "num_channels": n_tokens,  # axis 1, the one verify_net_in_out checks: the tokens
+            "spatial_shape": [hidden],
+            "dtype": "float32",
+            "value_range": [],
+            "is_patch_data": True,
+            "channel_def": {},
+            "shape": [1, n_tokens, hidden],  # not a field of the specification: the whole output's shape
+            "description": f"token features {features}; num_channels counts the tokens (axis 1), spatial_shape is "
+                           "the feature axis",
         },
-    })
-    return meta
+    )
 
 
 def segmenter_metadata(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: str, name: str, version: str,
