@@ -408,8 +408,8 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         # - 60 epochs at Adam 1e-3 (2-epoch warm-up, cosine): about 1.5 minutes here;
         # - pre-training in fp32 (ssl_amp="off"; fine-tuning keeps amp="auto"): the faster of the two
         #   precisions that learn. With the precision policy (fp32_parts) bf16 learns as fp32 does (0.52x
-        #   the constant, both), but this small ViT runs slower in bf16 on a bf16 CPU: 14.3 s per epoch
-        #   against 3.6 s in fp32, one thread each (results/precision/sweep.md; docs/performance.md).
+        #   the constant, both: results/precision/sweep.md), but this small ViT runs slower in bf16 on a
+        #   bf16 CPU: 210 steps in 71 s against 36 s in fp32 (benchmarks/results/cpu.md, learning checks).
         "hidden_size": 96,
         "mlp_dim": 192,
         "num_heads": 4,
