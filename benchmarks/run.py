@@ -24,7 +24,8 @@ Sections (``--sections``, comma separated, default all but ``e2e``):
   realistic size (512 x 512 x 95-135 voxels at about 0.75 x 0.75 x 2.5 mm).
 - ``finetune``: one UNETR step (DiceCE, AdamW): MONAI's plain UNETR in a plain fp32 loop against
   ``train_step`` on ``apply_speedups(build_unetr(cfg), cfg, device)`` with fused AdamW and the
-  fine-tuning loop's forward (autocast, DiceCE on ``logits.float()``).
+  fine-tuning loop's forward (autocast, DiceCE on ``logits.float()``); ours_fp32 = the same with
+  ``amp="off"``.
 - ``sliding``: sliding-window inference on one resampled volume (96^3 windows, 4 per batch): the
   plain UNETR against ``ssl_utils.finetune.inference.predict_logits`` on the sped-up one.
 - ``e2e`` (opt-in): ``ssl_utils.pretrain.pretrain`` on a synthetic cohort, crop pairs per second
@@ -82,6 +83,7 @@ ROWS = (
     ("attention", "einsum", "sdpa", "one transformer block, einsum -> SDPA (fwd+bwd)"),
     ("data", "reference", "ours", "data pipeline, two-view crops/s"),
     ("finetune", "reference", "ours", "UNETR fine-tuning step"),
+    ("finetune", "reference", "ours_fp32", "UNETR fine-tuning step, ours fp32"),
     ("sliding", "reference", "ours", "UNETR sliding-window inference"),
 )
 
@@ -409,14 +411,15 @@ def finetune_variant(variant: str, cfg: Any, model: torch.nn.Module, device: tor
     """One fine-tuning variant on the plain UNETR ``model``: ``{"step": step(batch) -> loss, "model",
     "precision", "optimizer"}``. ``ours``: ``train_step`` on ``apply_speedups(model)`` with
     ``finetune_optimizer`` and the fine-tuning loop's forward (autocast per ``cfg["amp"]``, DiceCE on
-    float32 logits); ``reference``: MONAI's plain UNETR in a plain fp32 loop with AdamW."""
+    float32 logits); ``ours_fp32``: the same with ``amp="off"``; ``reference``: MONAI's plain UNETR in a
+    plain fp32 loop with AdamW."""
     from monai.losses import DiceCELoss
 
     from ssl_utils.datasets import plain_tensor
     from ssl_utils.finetune.loop import finetune_optimizer, segmentation_forward
     from ssl_utils.runtime import Precision
 
-    _check_variant("fine-tuning", variant, ("reference", "ours"))
+    _check_variant("fine-tuning", variant, ("reference", "ours", "ours_fp32"))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     if variant == "reference":
         model = model.to(device)
@@ -432,6 +435,8 @@ def finetune_variant(variant: str, cfg: Any, model: torch.nn.Module, device: tor
             return loss.detach()
 
         return {"step": reference_step, "model": model, "precision": Precision(device, None), "optimizer": optimizer}
+    if variant == "ours_fp32":
+        cfg = cfg.replace(amp="off")
     state = _library_state(model, finetune_optimizer, cfg, device)
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -492,7 +497,7 @@ WORKLOADS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "pretrain": (pretrain_workload, ("reference", "ours", "ours_fp32", "ours_bf16_all")),
     "loss": (loss_workload, ("reference", "ours")),
     "attention": (attention_workload, ("einsum", "sdpa")),
-    "finetune": (finetune_workload, ("reference", "ours")),
+    "finetune": (finetune_workload, ("reference", "ours", "ours_fp32")),
     "sliding": (sliding_workload, ("reference", "ours")),
 }
 
@@ -1197,6 +1202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"device {device}, auto precision {info['auto_precision']}")
     # where "auto" resolves to fp32 the default, fp32 and no-fp32-part variants are the same computation: time it once
     same_as = {"ours": "ours_fp32", "ours_bf16_all": "ours_fp32"} if amp_dtype(device, "auto") is None else {}
+    section_same_as = {name: {a: t for a, t in same_as.items() if a in WORKLOADS[name][1]} for name in WORKLOADS}
     if args.check is None:
         args.check = "none" if args.quick else "demo"
     args.check_steps = 210 if args.check_steps is None else int(args.check_steps)
@@ -1211,7 +1217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             check = None
             if args.check != "none" and name in ("pretrain", "finetune", "sliding"):
                 check = lambda variants, name=name: run_checks(name, variants, s, device, args, trained)  # noqa: E731
-            results[name] = run_step_section(name, s, device, name in memory, same_as if name == "pretrain" else {}, check)
+            results[name] = run_step_section(name, s, device, name in memory, section_same_as[name], check)
         elif name == "data":
             results[name] = run_data_section(s, device)
         elif name == "e2e":

@@ -406,10 +406,12 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         # - hidden 96 (43x bottleneck): wider tokens did not help at 0.05 (hidden 192 / 384: 0.81 / 0.84x)
         #   and little at 1.0 (hidden 192: 0.49x against 0.52x, for 1.5x the time, and a larger UNETR);
         # - 60 epochs at Adam 1e-3 (2-epoch warm-up, cosine): about 1.5 minutes here;
-        # - pre-training in fp32 (ssl_amp="off"; fine-tuning keeps amp="auto"): the faster of the two
-        #   precisions that learn. With the precision policy (fp32_parts) bf16 learns as fp32 does (0.52x
-        #   the constant, both: results/precision/sweep.md), but this small ViT runs slower in bf16 on a
-        #   bf16 CPU: 210 steps in 71 s against 36 s in fp32 (benchmarks/results/cpu.md, learning checks).
+        # - fp32 (amp="off"), pre-training and fine-tuning: on a CPU, the faster of the precisions that learn.
+        #   With the precision policy (fp32_parts) bf16 learns as fp32 does (pre-training 0.52x the constant,
+        #   both: results/precision/sweep.md; fine-tuning 40.0 vs 40.3% tuning Dice:
+        #   results/precision/finetune/sweep.md), but at these sizes it runs slower on a bf16 CPU: a
+        #   pre-training step 355 against 134 ms, a fine-tuning step 390 against 358 ms
+        #   (benchmarks/results/cpu_demo_size.md). On a GPU, set amp="auto".
         "hidden_size": 96,
         "mlp_dim": 192,
         "num_heads": 4,
@@ -418,7 +420,7 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         "ssl_epochs": 60,
         "warmup_epochs": 2,
         "cosine": True,
-        "ssl_amp": "off",
+        "amp": "off",
         # the probe monitor: a downstream score every 10 epochs (2 labeled volumes to fit, 2 to score:
         # the labeled training list, never the validation list). 150 iterations, measured on those
         # volumes with this recipe's 60-epoch encoder against an untrained one: 40 iterations 4.4 vs 1.2%
