@@ -528,7 +528,8 @@ def check_config(s: dict[str, Any], kind: str, **overrides: Any) -> Any:
     "bench" = the benchmark's sizes with the paper recipe (``model_config``) on the demo preset's cohort."""
     from ssl_utils import get_config
 
-    base = dict(probe_every=0, ssl_amp="same", seed=s["seed"])
+    # the timed variants' precision ("ours": amp="auto", the paper preset's), whatever the preset's own
+    base = dict(probe_every=0, amp="auto", ssl_amp="same", seed=s["seed"])
     if kind in ("demo", "smoke"):
         return get_config(kind, **{**base, **overrides})
     if kind != "bench":

@@ -410,8 +410,8 @@ _PRESET_OVERRIDES: dict[str, dict[str, Any]] = {
         #   With the precision policy (fp32_parts) bf16 learns as fp32 does (pre-training 0.52x the constant,
         #   both: results/precision/sweep.md; fine-tuning 40.0 vs 40.3% tuning Dice:
         #   results/precision/finetune/sweep.md), but at these sizes it runs slower on a bf16 CPU: a
-        #   pre-training step 355 against 134 ms, a fine-tuning step 390 against 358 ms
-        #   (benchmarks/results/cpu_demo_size.md). On a GPU, set amp="auto".
+        #   pre-training step 355 against 134 ms, a fine-tuning step 363 against 339 ms
+        #   (benchmarks/results/cpu_demo_size*.md). On a GPU, set amp="auto".
         "hidden_size": 96,
         "mlp_dim": 192,
         "num_heads": 4,
