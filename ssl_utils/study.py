@@ -383,8 +383,12 @@ def study_report(result: dict[str, Any], organs: Sequence[str]) -> str:
 # The study's budget on top of the preset (the demo's fine-tuning recipe, run longer), chosen on the labeled tuning
 # split (results/ft_sweep/sweep.md): 1,500 iterations with a cosine decay reached 52.9% mean Dice (final = mean of
 # the last 3 evaluations; 53.0% at the end, flat over the last 300 iterations) against 45.6% for 800 at a constant
-# rate. `--set` changes it.
-STUDY_OVERRIDES: dict[str, Any] = {"ft_iterations": 1500, "ft_eval_every": 100, "ft_cosine": True}
+# rate. `--set` changes it. The precision is pinned as the study began (pre-training in fp32, fine-tuning and probes
+# with amp="auto", bf16 on a bf16 CPU or a GPU), so that its records stay valid when the demo preset's precision
+# changes and when the study continues on another machine; bf16 and fp32 fine-tuning reach the same Dice
+# (results/precision/finetune/sweep.md).
+STUDY_OVERRIDES: dict[str, Any] = {"ft_iterations": 1500, "ft_eval_every": 100, "ft_cosine": True,
+                                   "amp": "auto", "ssl_amp": "off"}
 # The MAE arm's pre-training on top of the demo preset: chosen by the pretext sweep (results/pretext_sweep/sweep.md) on
 # the unlabeled validation volumes and the probe monitor's labeled training volumes.
 MAE_RECIPE: dict[str, Any] = {"mae_mask_ratio": 0.75, "ssl_epochs": 60}
