@@ -145,17 +145,7 @@ def encoder_metadata(ckpt: Mapping[str, Any], cfg: Mapping[str, Any], path: str,
         ),
         pred_classes="1 channel: the reconstructed (clean) crop, intensities as the input's",
         metrics=metrics, recipe_keys=recipe_keys, arch_keys=arch_keys,
-        pred={
-            "type": "image",
-            "format": "hounsfield",
-            "modality": "CT",
-            "num_channels": 1,
-            "spatial_shape": cube(cfg["roi"]),
-            "dtype": "float32",
-            "value_range": [],
-            "is_patch_data": True,
-            "channel_def": {"0": "reconstruction"},
-        },
+        pred={**_image_input(cfg), "value_range": [], "channel_def": {"0": "reconstruction"}},
     )
 
 
